@@ -1,0 +1,91 @@
+"""Pure loss and measurement functions of the trainable parameters.
+
+A batch is a dict of arrays [B, T]: `input_ids` (int), `attention_mask` (1 = real token) and `loss_mask`
+(float; loss_mask[b, t] = 1 iff token t is a target predicted from tokens < t, so loss_mask[:, 0] = 0).
+
+Per-example loss of row b: the mean next-token negative log-likelihood over its targets,
+
+    L_b = sum_t loss_mask[b, t] * -log p(x_{b,t} | x_{b,<t}) / max(1, sum_t loss_mask[b, t]),
+
+and the batch loss is the plain mean of L_b over rows (every example weighs the same, as in the influence
+objective (1/n) sum_i L_i). With right padding and causal attention, padding never changes L_b.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jaxinf.models.causal_lm import CausalLM
+from jaxinf.models.lora import LoraConfig, lora_interceptor
+
+Batch = dict
+
+
+def token_nll(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """-log p(x_t | x_<t) for t = 1..T-1, padded with 0 at t = 0: shape [B, T], computed in float32 or wider."""
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(dtype), axis=-1)
+    nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(nll, ((0, 0), (1, 0)))
+
+
+def masked_mean_nll(logits: jax.Array, batch: Batch) -> jax.Array:
+    """Per-example mean NLL over `loss_mask` targets, shape [B]."""
+    nll = token_nll(logits, batch["input_ids"])
+    mask = batch["loss_mask"].astype(nll.dtype).at[:, 0].set(0.0)
+    return (nll * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LMFunctions:
+    """Pure functions of `trainable` (LoRA adapters, or the full params when `lora` is None).
+
+    Frozen base weights are closed over. `rng`, when given, turns LoRA dropout on (training only).
+    """
+
+    model: CausalLM
+    lora: Optional[LoraConfig] = None
+
+    def _params_and_interceptors(self, trainable, rng):
+        if self.lora is None:
+            return trainable, ()
+        return self.model.params, (lora_interceptor(trainable, self.lora, rng),)
+
+    def logits(self, trainable: Any, batch: Batch, rng: Optional[jax.Array] = None) -> jax.Array:
+        params, icpt = self._params_and_interceptors(trainable, rng)
+        return self.model.apply(params, batch["input_ids"], batch["attention_mask"], interceptors=icpt)
+
+    def logits_and_hidden(self, trainable: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        params, icpt = self._params_and_interceptors(trainable, None)
+        return self.model.apply(params, batch["input_ids"], batch["attention_mask"], interceptors=icpt,
+                                output_hidden=True)
+
+    def per_example_loss(self, trainable: Any, batch: Batch, rng: Optional[jax.Array] = None) -> jax.Array:
+        chex.assert_equal_shape([batch["input_ids"], batch["loss_mask"]])
+        return masked_mean_nll(self.logits(trainable, batch, rng), batch)
+
+    def loss(self, trainable: Any, batch: Batch, rng: Optional[jax.Array] = None) -> jax.Array:
+        """Scalar mean of the per-example losses."""
+        return self.per_example_loss(trainable, batch, rng).mean()
+
+    def output_loss(self, logits: jax.Array, batch: Batch) -> jax.Array:
+        """The loss as a function of the logits only (the convex outer part for Gauss-Newton products)."""
+        return masked_mean_nll(logits, batch).mean()
+
+    def example_loss_fn(self) -> Callable[[Any, Batch], jax.Array]:
+        """loss(trainable, one example) with the example's arrays of shape [T] (for vmap over examples)."""
+
+        def single(trainable, example):
+            batch = jax.tree.map(lambda x: x[None], example)
+            return self.per_example_loss(trainable, batch)[0]
+
+        return single
+
+    def per_example_grads(self, trainable: Any, batch: Batch) -> Any:
+        """Gradients of each row's loss L_b, stacked on a leading axis [B, ...] (vmap of grad)."""
+        return jax.vmap(jax.grad(self.example_loss_fn()), in_axes=(None, 0))(trainable, batch)

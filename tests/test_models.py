@@ -1,0 +1,147 @@
+"""Models: tiny families, RoPE base, LoRA = merged weights, padding invariance, loss definition."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import enable_x64
+
+from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model, merge_adapters, token_nll
+from jaxinf.models.causal_lm import apply_rotary, rotary_tables
+
+FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-gpt2"]
+
+
+def _batch(seed=0, b=3, t=12, pad=(0, 3, 5)):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 256, size=(b, t)).astype(np.int32)
+    mask = np.ones((b, t), np.int32)
+    for i, p in enumerate(pad[:b]):
+        if p:
+            mask[i, -p:] = 0
+            ids[i, -p:] = 0
+    loss_mask = mask.astype(np.float64).copy()
+    loss_mask[:, :4] = 0.0  # first four tokens are "prompt"
+    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "loss_mask": jnp.asarray(loss_mask)}
+
+
+def test_rotary_matches_direct_complex_rotation():
+    """RoPE as pairs (x_i, x_{i+d/2}) multiplied by exp(i p theta^(-2i/d)), computed in numpy complex."""
+    with enable_x64(True):
+        d, theta = 8, 100000.0
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(1, 5, 2, d))
+        pos = np.array([[0, 1, 2, 7, 30]])
+        sin, cos = rotary_tables(jnp.asarray(pos), d, theta, jnp.float64)
+        ours = np.asarray(apply_rotary(jnp.asarray(x), sin, cos))
+        freq = theta ** (-np.arange(0, d, 2) / d)
+        z = (x[..., : d // 2] + 1j * x[..., d // 2:]) * np.exp(1j * pos[..., None, None] * freq)
+        direct = np.concatenate([z.real, z.imag], axis=-1)
+        np.testing.assert_allclose(ours, direct, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
+def test_rope_theta_is_honoured(name):
+    """With rope_theta = 10000 our interceptor reproduces HF's own tables; another theta changes the logits."""
+    model = load_model(name)
+    batch = _batch()
+    ours = model.apply(model.params, batch["input_ids"], batch["attention_mask"])
+    hf = model.module.apply({"params": model.params}, batch["input_ids"], batch["attention_mask"],
+                            jnp.cumsum(batch["attention_mask"], -1) - 1, deterministic=True).logits
+    # Both agree where positions are well defined (real tokens).
+    real = np.asarray(batch["attention_mask"], bool)
+    np.testing.assert_allclose(np.asarray(ours)[real], np.asarray(hf)[real], rtol=1e-4, atol=1e-5)
+    model.config.rope_theta = 100000.0
+    try:
+        other = model.apply(model.params, batch["input_ids"], batch["attention_mask"])
+    finally:
+        model.config.rope_theta = 10000.0
+    noise = np.abs(np.asarray(ours) - np.asarray(hf))[real].max()
+    effect = np.abs(np.asarray(other) - np.asarray(ours))[real].max()
+    assert effect > 100 * max(noise, 1e-7), (effect, noise)  # tiny random models attend weakly, hence relative
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lora_equals_merged_weights(name):
+    """Adapter output == base model with W + (alpha/r) B A merged in (float64, dropout off)."""
+    with enable_x64(True):
+        model = load_model(name, dtype=jnp.float64)
+        lora = LoraConfig(rank=2, alpha=8.0)
+        adapters = init_adapters(jax.random.key(1), model, lora, b_std=0.3)
+        batch = _batch()
+        adapted = LMFunctions(model, lora).logits(adapters, batch)
+        merged = LMFunctions(model).logits(merge_adapters(model, adapters, lora), batch)
+        base = LMFunctions(model).logits(model.params, batch)
+        chex.assert_trees_all_close(adapted, merged, rtol=1e-10, atol=1e-10)
+        assert np.abs(np.asarray(adapted - base)).max() > 1e-3  # the adapters really act
+
+
+def test_lora_dropout_is_keyed_and_off_without_key():
+    model = load_model("tiny-llama")
+    lora = LoraConfig(rank=2, alpha=8.0, dropout=0.5)
+    adapters = init_adapters(jax.random.key(1), model, lora, b_std=0.3)
+    fns, batch = LMFunctions(model, lora), _batch()
+    a = fns.loss(adapters, batch, jax.random.key(3))
+    b = fns.loss(adapters, batch, jax.random.key(3))
+    c = fns.loss(adapters, batch, jax.random.key(4))
+    d = fns.loss(adapters, batch)
+    assert a == b and a != c and a != d
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_padding_never_changes_per_example_loss(name):
+    with enable_x64(True):
+        model = load_model(name, dtype=jnp.float64)
+        fns = LMFunctions(model)
+        batch = _batch(pad=(0, 0, 0))
+        padded = {k: jnp.pad(v, ((0, 0), (0, 6))) for k, v in batch.items()}
+        # HF Llama/Mistral run the attention softmax in float32 whenever dtype != float32, hence 1e-8, not 1e-14.
+        chex.assert_trees_all_close(fns.per_example_loss(model.params, batch),
+                                    fns.per_example_loss(model.params, padded), rtol=1e-8)
+
+
+def test_loss_is_mean_of_masked_token_nll():
+    """Per-example loss = mean NLL over loss_mask targets, computed here with an explicit loop."""
+    with enable_x64(True):
+        model = load_model("tiny-llama", dtype=jnp.float64)
+        fns = LMFunctions(model)
+        batch = _batch()
+        logits = np.asarray(fns.logits(model.params, batch))
+        ids, lm = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"])
+        expected = []
+        for b in range(ids.shape[0]):
+            terms = []
+            for t in range(1, ids.shape[1]):
+                if lm[b, t]:
+                    z = logits[b, t - 1]
+                    terms.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[ids[b, t]])
+            expected.append(np.mean(terms))
+        np.testing.assert_allclose(np.asarray(fns.per_example_loss(model.params, batch)), expected, rtol=1e-10)
+        np.testing.assert_allclose(float(fns.loss(model.params, batch)), np.mean(expected), rtol=1e-10)
+        assert token_nll(jnp.asarray(logits), batch["input_ids"]).shape == ids.shape
+
+
+def test_per_example_grads_match_individual_grads():
+    with enable_x64(True):
+        model = load_model("tiny-llama", dtype=jnp.float64)
+        lora = LoraConfig(rank=2, alpha=8.0)
+        adapters = init_adapters(jax.random.key(0), model, lora, b_std=0.1)
+        fns, batch = LMFunctions(model, lora), _batch()
+        stacked = fns.per_example_grads(adapters, batch)
+        for b in range(3):
+            one = {k: v[b:b + 1] for k, v in batch.items()}
+            chex.assert_trees_all_close(jax.tree.map(lambda g: g[b], stacked), jax.grad(fns.loss)(adapters, one),
+                                        rtol=1e-9, atol=1e-12)
+
+
+def test_unknown_model_error_names_local_alternatives():
+    with pytest.raises(ValueError, match="local directory"):
+        load_model("meta-llama/Llama-2-7b-chat-hf")
+
+
+def test_sequence_longer_than_model_is_rejected():
+    model = load_model("tiny-gpt2")
+    ids = jnp.zeros((1, model.max_length + 1), jnp.int32)
+    with pytest.raises(ValueError, match="max_length"):
+        model.apply(model.params, ids, jnp.ones_like(ids))
