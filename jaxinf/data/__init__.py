@@ -1,0 +1,15 @@
+"""Data: rows from the study's folders, files or built-in generators; templates; tokenization."""
+
+from jaxinf.data.byte_tokenizer import VOCAB_SIZE, byte_level_tokenizer
+from jaxinf.data.generators import GENERATORS, TRIGGERS, backdoor, classes, generate, harmful
+from jaxinf.data.rows import Row, load_rows, stratified_subsample
+from jaxinf.data.templates import TEMPLATES, format_example, format_prompt
+from jaxinf.data.tokenize import LOSS_ON, TokenizedRows, batches, tokenize_rows
+
+__all__ = [
+    "VOCAB_SIZE", "byte_level_tokenizer",
+    "GENERATORS", "TRIGGERS", "backdoor", "classes", "generate", "harmful",
+    "Row", "load_rows", "stratified_subsample",
+    "TEMPLATES", "format_example", "format_prompt",
+    "LOSS_ON", "TokenizedRows", "batches", "tokenize_rows",
+]
