@@ -1,0 +1,258 @@
+"""LoRA fine-tuning with optax AdamW, orbax checkpoints, a per-step convergence log, and exact resumption.
+
+Determinism: the examples of optimiser step s are positions [s*B, (s+1)*B) of an endless stream made of one
+seeded permutation of the training rows per epoch, and LoRA dropout at step s uses fold_in(key, s). So a step's
+work depends only on (seed, s, state after step s-1): restoring the last checkpoint and replaying the log from
+there gives bit-identical parameters and log lines to a run that was never interrupted.
+
+Schedule: linear warm-up from 0 to `lr` over `warmup_steps`, then linear decay to 0 at the last step.
+Each step averages the gradient over `grad_accum` micro-batches of `batch_size // grad_accum` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from tqdm.auto import tqdm
+
+from jaxinf.models.loss import LMFunctions
+
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and run settings. Exactly one of `steps` / `epochs` sets the run length."""
+
+    steps: Optional[int] = None
+    epochs: Optional[float] = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = None
+    checkpoint_every: int = 10
+    keep_checkpoints: Optional[int] = None  # None keeps every checkpoint (convergence studies need them all)
+    seed: int = 0
+
+    def total_steps(self, n_rows: int) -> int:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of TrainConfig.steps and TrainConfig.epochs")
+        if self.steps is not None:
+            return int(self.steps)
+        return max(1, math.ceil(self.epochs * n_rows / self.batch_size))
+
+    def validate(self, n_rows: int) -> None:
+        if n_rows == 0:
+            raise ValueError("the training split is empty: check --data and its 'train' split")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
+        if self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1")
+
+
+def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up 0 -> lr over `warmup_steps`, then linear decay lr -> 0 at `total_steps`."""
+    warmup = min(config.warmup_steps, total_steps)
+    decay = optax.linear_schedule(config.lr, 0.0, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay], boundaries=[warmup])
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on `make_schedule` (and optional global-norm clipping)."""
+    parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []
+    parts.append(optax.adamw(make_schedule(config, total_steps), weight_decay=config.weight_decay))
+    return optax.chain(*parts)
+
+
+def example_order(seed: int, n_rows: int, step: int, batch_size: int) -> np.ndarray:
+    """Row indices of step `step`: a window of the stream of per-epoch permutations (host-side, deterministic)."""
+    start = step * batch_size
+    positions = np.arange(start, start + batch_size)
+    epochs = positions // n_rows
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n_rows)
+        sel = epochs == epoch
+        out[sel] = perm[positions[sel] % n_rows]
+    return out
+
+
+def _tree_norm(tree) -> jax.Array:
+    return optax.global_norm(tree)
+
+
+def make_train_step(fns: LMFunctions, optimizer: optax.GradientTransformation, grad_accum: int):
+    """jit-compiled step: (trainable, opt_state, init, batch, rng) -> (trainable, opt_state, metrics)."""
+    grad_fn = jax.value_and_grad(fns.loss)
+
+    @jax.jit
+    def step(trainable, opt_state, init, batch, rng):
+        micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
+
+        def accumulate(carry, inputs):
+            i, mb = inputs
+            loss, grads = grad_fn(trainable, mb, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
+        (loss, grads), _ = jax.lax.scan(accumulate, zero, (jnp.arange(grad_accum), micro))
+        loss, grads = loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        new = optax.apply_updates(trainable, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": _tree_norm(grads),
+            "update_norm": _tree_norm(updates),
+            "param_norm": _tree_norm(new),
+            "dist_from_init": _tree_norm(jax.tree.map(jnp.subtract, new, init)),
+        }
+        return new, opt_state, metrics
+
+    return step
+
+
+def checkpoint_manager(workdir: str, keep: Optional[int] = None) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+    )
+
+
+def restore_checkpoint(workdir: str, abstract: Any, step: Optional[int] = None) -> tuple[int, Any]:
+    """(step, state) of checkpoint `step` (default: the latest) with the structure of `abstract`."""
+    with checkpoint_manager(workdir) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: run experiments.finetune first")
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+        return step, mngr.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    with checkpoint_manager(workdir) as mngr:
+        return sorted(mngr.all_steps())
+
+
+def _read_log(path: str, upto: int) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def _write_log(path: str, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_run_config(workdir: str, run_config: dict) -> None:
+    run_config = json.loads(json.dumps(run_config))  # compare as stored (tuples become lists)
+    path = os.path.join(workdir, "run_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != run_config:
+            diff = {k: (old.get(k), run_config.get(k)) for k in set(old) | set(run_config) if old.get(k) != run_config.get(k)}
+            raise ValueError(f"{workdir} holds a run with other settings {diff} (old, new): use a new --workdir "
+                             "or the same flags to resume")
+    else:
+        with open(path, "w") as f:
+            json.dump(run_config, f, indent=1, sort_keys=True)
+
+
+def train(
+    fns: LMFunctions,
+    init_trainable: Any,
+    data: dict,
+    config: TrainConfig,
+    workdir: str,
+    *,
+    run_config: Optional[dict] = None,
+    stop_after: Optional[int] = None,
+) -> tuple[Any, list[dict]]:
+    """Fine-tune `init_trainable` on `data` (arrays with BATCH_KEYS, [N, T]); resume from `workdir` if possible.
+
+    Writes `workdir/checkpoints/<step>` (orbax; step 0 = the initial adapters, then every `checkpoint_every`
+    steps and the last step) and `workdir/convergence.jsonl` (one line per step). `stop_after` ends this call
+    after that many steps in total (with a checkpoint), as an interruption would. Ctrl-C also saves and stops.
+    Returns the trainable parameters and the convergence log.
+    """
+    for key in BATCH_KEYS:
+        if key not in data:
+            raise KeyError(f"training data lacks {key!r}: tokenise rows with jaxinf.data.tokenize_rows")
+    n_rows = int(data["input_ids"].shape[0])
+    config.validate(n_rows)
+    total = config.total_steps(n_rows)
+    os.makedirs(workdir, exist_ok=True)
+    _check_run_config(workdir, dict(run_config or {}, **dataclasses.asdict(config), n_rows=n_rows,
+                                    seq_len=int(data["input_ids"].shape[1])))
+    optimizer = make_optimizer(config, total)
+    schedule = make_schedule(config, total)
+    step_fn = make_train_step(fns, optimizer, config.grad_accum)
+    rng = jax.random.key(config.seed)
+    log_path = os.path.join(workdir, "convergence.jsonl")
+
+    state = {"trainable": init_trainable, "opt_state": optimizer.init(init_trainable)}
+    with checkpoint_manager(workdir, config.keep_checkpoints) as mngr:
+        start = mngr.latest_step()
+        if start is None:
+            start = 0
+            mngr.save(0, args=ocp.args.StandardSave(state))
+        else:
+            target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+            state = mngr.restore(start, args=ocp.args.StandardRestore(target))
+            logging.info("resumed from step %d of %s", start, workdir)
+        log = _read_log(log_path, start)
+        _write_log(log_path, log)
+        end = total if stop_after is None else min(total, stop_after)
+        trainable, opt_state = state["trainable"], state["opt_state"]
+        step = start
+        bar = tqdm(total=total, initial=start, desc="fine-tune", unit="step", disable=None)
+        try:
+            with open(log_path, "a") as log_file:
+                while step < end:
+                    idx = example_order(config.seed, n_rows, step, config.batch_size)
+                    batch = {k: jnp.asarray(np.asarray(data[k])[idx]) for k in BATCH_KEYS}
+                    trainable, opt_state, metrics = step_fn(trainable, opt_state, init_trainable, batch,
+                                                            jax.random.fold_in(rng, step))
+                    step += 1
+                    row = {"step": step, "epoch": step * config.batch_size / n_rows,
+                           "lr": float(schedule(step - 1)),
+                           **{k: float(v) for k, v in metrics.items()}}
+                    if not all(math.isfinite(row[k]) for k in ("loss", "grad_norm")):
+                        raise FloatingPointError(f"non-finite loss or gradient at step {step}: {row}; lower --lr "
+                                                 "or check the data for empty targets")
+                    log.append(row)
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    if step % config.checkpoint_every == 0 or step == end:
+                        mngr.save(step, args=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}))
+        except KeyboardInterrupt:
+            logging.warning("interrupted at step %d: saving a checkpoint to resume from", step)
+            if step not in mngr.all_steps():
+                mngr.save(step, args=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}))
+            raise
+        finally:
+            bar.close()
+            mngr.wait_until_finished()
+    return trainable, log
