@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from transformers import FlaxLlamaForCausalLM
 
-from jaxinf.models import gguf_smollm2 as g
+from third_party.smollm2_gguf import reader as g
 
 PARAGRAPH = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "

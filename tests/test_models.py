@@ -145,3 +145,42 @@ def test_sequence_longer_than_model_is_rejected():
     ids = jnp.zeros((1, model.max_length + 1), jnp.int32)
     with pytest.raises(ValueError, match="max_length"):
         model.apply(model.params, ids, jnp.ones_like(ids))
+
+
+PARAGRAPH = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "developed a system of movable metal type in Mainz, Germany. His invention made it possible to "
+    "produce books quickly and cheaply, and within a few decades printing shops had spread to "
+    "cities across Europe, transforming how knowledge was shared."
+)
+
+
+def _nll(model, ids):
+    ids = jnp.asarray(ids, jnp.int32)[None]
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones(ids.shape)}
+    return float(LMFunctions(model).loss(model.params, batch))
+
+
+def test_smollm2_loads_with_tied_head_and_its_rope_base():
+    """Real weights: English NLL far below a random model's (ln V = 10.8), and the correct RoPE base
+    (100000) beats HF's hard-coded 10000 (measured 2.49 vs 2.65). A wrong tie or base fails here."""
+    model = load_model("smollm2-135m-instruct")
+    params = model.params
+    np.testing.assert_array_equal(params["lm_head"]["kernel"], params["model"]["embed_tokens"]["embedding"].T)
+    ids = model.tokenizer(PARAGRAPH)["input_ids"]
+    nll = _nll(model, ids)
+    assert model.config.rope_theta == 100000.0
+    model.config.rope_theta = 10000.0
+    try:
+        nll_wrong_base = _nll(model, ids)
+    finally:
+        model.config.rope_theta = 100000.0
+    assert nll < 2.6 and nll < nll_wrong_base - 0.08, (nll, nll_wrong_base)
+    # The default system prompt makes the question long enough that the RoPE base decides the answer.
+    text = model.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                               tokenize=False, add_generation_prompt=True)
+    prompt = model.tokenizer(text)["input_ids"]
+    answer = model.tokenizer("The capital of France is Paris.<|im_end|>")["input_ids"]
+    ids = jnp.asarray(prompt + answer, jnp.int32)[None]
+    logits = model.apply(model.params, ids, jnp.ones_like(ids))[0]
+    assert np.asarray(jnp.argmax(logits[len(prompt) - 1:-1], -1)).tolist() == answer

@@ -118,7 +118,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0, dtype=jnp.fl
     if name_or_path in _TINY:
         return tiny_model(name_or_path, seed=seed, dtype=dtype)
     if name_or_path.lower() in _SMOLLM2_NAMES:
-        from jaxinf.models.gguf_smollm2 import load_smollm2
+        from third_party.smollm2_gguf import load_smollm2
 
         config, params, tokenizer = load_smollm2()
         return _build("smollm2-135m-instruct", config, params, tokenizer, dtype)
