@@ -1,0 +1,191 @@
+r"""The study end to end: LoRA fine-tune, attribute every test row with every method, score against ground truth.
+
+    python -m experiments.attribute                                  # SmolLM2, built-in backdoor task, quick preset
+    python -m experiments.attribute --data=../shared/paper_datasets/emotion --workdir=runs/emotion
+
+Stages (each cached in --workdir, so an interrupted run resumes): fine-tuning checkpoints, per-example LoRA
+gradients, one score matrix per method. Outputs: results.json, results.csv, metrics.png, and a table on stdout.
+"""
+
+import csv
+import json
+import os
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from tqdm.auto import tqdm
+
+from jaxinf import attribution, recipes, study, training
+from jaxinf.evaluation import evaluate
+from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", DEFAULT_MODEL, "smollm2-135m-instruct | tiny-llama | tiny-mistral | tiny-gpt2 | local HF dir")
+flags.DEFINE_string("data", "backdoor", "study folder (../shared/paper_datasets/<name>), .jsonl/.csv, or generator")
+flags.DEFINE_list("methods", list(study.ALL_METHODS), f"comma list from {list(study.ALL_METHODS)}")
+flags.DEFINE_enum("preset", "quick", list(study.PRESETS), "quick: 2-core CPU sizes; paper: the study's settings")
+flags.DEFINE_string("workdir", "runs/attribute", "fine-tuning, gradients, scores and results go here")
+flags.DEFINE_integer("seed", 0, "seed for subsampling, data order, adapter init and solvers")
+flags.DEFINE_integer("limit_train", None, "override the preset's training subsample (0 = all rows)")
+flags.DEFINE_integer("limit_test", None, "override the preset's test subsample (0 = all rows)")
+flags.DEFINE_float("epochs", None, "override the preset's fine-tuning epochs")
+flags.DEFINE_enum("loss_on", "response", ["response", "all", "all_with_padding"],
+                  "tokens in the training loss and gradients; all_with_padding = the study's released code")
+flags.DEFINE_enum("repsim_pooling", "prompt_end", list(attribution.POOLINGS),
+                  "RepSim representation: hidden state at the final prompt token (the study) or response mean")
+flags.DEFINE_integer("lissa_depth", None, "LiSSA iterations (the study's code ran 3-10; default: the preset's)")
+flags.DEFINE_integer("bootstrap", 1000, "bootstrap resamples over test rows for the confidence intervals")
+
+
+def _limit(flag_value, preset_value):
+    if flag_value is None:
+        return preset_value
+    return None if flag_value == 0 else flag_value
+
+
+def _gradients(fns, adapters, tokenized, path, chunk):
+    """Per-example gradients as a stacked pytree, cached in `path` (.npz of flat rows)."""
+    if os.path.exists(path):
+        flat = np.load(path)["grads"]
+    else:
+        flat = np.asarray(attribution.per_example_gradients(fns, adapters, tokenized, chunk_size=chunk))
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, grads=flat)
+        os.replace(tmp, path)
+    return attribution.unflatten_rows(flat, adapters, stacked=False)
+
+
+def _check_settings(workdir, settings):
+    """Cached gradients and scores are only valid for the settings that made them: refuse a mismatch."""
+    path = os.path.join(workdir, "attribute_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != settings:
+            changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            raise app.UsageError(f"{workdir} holds results made with other settings {changed} (old, new): "
+                                 "use a new --workdir")
+    else:
+        recipes.write_json(path, settings)
+
+
+def _plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, metric in zip(axes, ("acc", "cover", "auc")):
+        vals = np.array([r[metric] for r in rows])
+        lo = vals - np.array([r[f"{metric}_lo"] for r in rows])
+        hi = np.array([r[f"{metric}_hi"] for r in rows]) - vals
+        ax.barh(names, vals, xerr=[lo, hi], color="tab:blue", alpha=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_title(metric.upper() if metric == "auc" else metric.capitalize())
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    preset = study.PRESETS[FLAGS.preset]
+    unknown = [m for m in FLAGS.methods if m not in study.METHODS]
+    if unknown:
+        raise app.UsageError(f"unknown --methods {unknown}; choose from {list(study.METHODS)}")
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    _check_settings(FLAGS.workdir, {k: FLAGS[k].value for k in (
+        "model", "data", "preset", "seed", "limit_train", "limit_test", "epochs", "loss_on", "repsim_pooling",
+        "lissa_depth")})
+
+    model = load_model(FLAGS.model, seed=FLAGS.seed)
+    task = recipes.load_task(model, recipes.TaskConfig(
+        source=FLAGS.data, template=preset.template, max_length=preset.max_length, loss_on=FLAGS.loss_on,
+        limit_train=_limit(FLAGS.limit_train, preset.limit_train),
+        limit_test=_limit(FLAGS.limit_test, preset.limit_test), seed=FLAGS.seed))
+    harmful = "harmful" in set(task.train.groups.tolist())
+    epochs = FLAGS.epochs or (preset.epochs_harmful if harmful and preset.epochs_harmful else preset.epochs)
+    lora = LoraConfig(dropout=preset.lora_dropout)
+    n_train = len(task.train_rows)
+    steps = max(1, int(np.ceil(epochs * n_train / preset.batch_size)))
+    train_config = training.TrainConfig(
+        steps=steps, batch_size=min(preset.batch_size, n_train), lr=preset.lr,
+        checkpoint_every=max(1, steps // preset.tracin_checkpoints), seed=FLAGS.seed)
+    ft_dir = os.path.join(FLAGS.workdir, "finetune")
+    adapters, log = recipes.finetune_lora(
+        model, lora, task, train_config, ft_dir,
+        run_config={"data": FLAGS.data, "preset": FLAGS.preset, "loss_on": FLAGS.loss_on})
+    fns = LMFunctions(model, lora)
+
+    grads_train = _gradients(fns, adapters, task.train, os.path.join(FLAGS.workdir, "grads_train.npz"),
+                             preset.grad_chunk)
+    grads_test = _gradients(fns, adapters, task.test, os.path.join(FLAGS.workdir, "grads_test.npz"),
+                            preset.grad_chunk)
+    inputs = study.StudyInputs(fns=fns, adapters=adapters, train=task.train, test=task.test, workdir=ft_dir,
+                               preset=preset, train_grads=grads_train, test_grads=grads_test, seed=FLAGS.seed,
+                               lissa_depth=FLAGS.lissa_depth, repsim_pooling=FLAGS.repsim_pooling)
+
+    score_dir = os.path.join(FLAGS.workdir, "scores")
+    os.makedirs(score_dir, exist_ok=True)
+    rows, details = [], {}
+    test_groups, train_groups = task.test.groups, task.train.groups
+    for method in tqdm(FLAGS.methods, desc="methods", unit="method"):
+        path = os.path.join(score_dir, f"{method}.npz")
+        if os.path.exists(path):
+            saved = np.load(path)
+            scores, seconds = saved["scores"], float(saved["seconds"])
+        else:
+            try:
+                scores, seconds = study.run_method(method, inputs)
+            except Exception as err:  # report the failure in the table and go on with the other methods
+                logging.error("method %s failed: %s", method, err)
+                details[method] = {"error": f"{type(err).__name__}: {err}"}
+                continue
+            np.savez(path, scores=scores, seconds=seconds)
+        metrics = evaluate(scores, test_groups, train_groups, n_boot=FLAGS.bootstrap, seed=FLAGS.seed)
+        details[method] = dict(metrics, seconds=seconds)
+        row = {"method": method, "seconds": seconds}
+        for key in ("acc", "cover", "auc", "recall@10"):
+            row[key] = metrics[key]["value"]
+            row[f"{key}_lo"], row[f"{key}_hi"] = metrics[key]["ci"]
+        rows.append(row)
+
+    final = log[-1] if log else {}
+    results = {
+        "model": model.name, "data": FLAGS.data, "preset": FLAGS.preset, "seed": FLAGS.seed,
+        "loss_on": FLAGS.loss_on, "repsim_pooling": FLAGS.repsim_pooling,
+        "n_train": n_train, "n_test": len(task.test_rows), "seq_len": int(task.train.input_ids.shape[1]),
+        "train_groups": {g: int(c) for g, c in zip(*np.unique(train_groups, return_counts=True))},
+        "finetune": {"steps": steps, "epochs": epochs, "final_loss": final.get("loss"),
+                     "final_grad_norm": final.get("grad_norm"), "dist_from_init": final.get("dist_from_init")},
+        "methods": details,
+    }
+    recipes.write_json(os.path.join(FLAGS.workdir, "results.json"), results)
+    with open(os.path.join(FLAGS.workdir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
+        writer.writeheader()
+        writer.writerows(rows)
+    title = f"{model.name} on {os.path.basename(os.path.normpath(FLAGS.data))} ({FLAGS.preset}: {n_train} train, " \
+            f"{len(task.test_rows)} test)"
+    if rows:
+        _plot(rows, os.path.join(FLAGS.workdir, "metrics.png"), title)
+    print(f"\n{title}; fine-tune loss {final.get('loss', float('nan')):.3f} after {steps} steps")
+    print(f"{'method':10s} {'Acc':>6s} {'Cover':>6s} {'AUC':>6s} {'R@10':>6s} {'s':>7s}")
+    for r in rows:
+        print(f"{r['method']:10s} {r['acc']:6.3f} {r['cover']:6.3f} {r['auc']:6.3f} {r['recall@10']:6.3f} "
+              f"{r['seconds']:7.1f}")
+    for method, d in details.items():
+        if "error" in d:
+            print(f"{method:10s} failed: {d['error']}")
+    print(f"results: {FLAGS.workdir}/results.json, results.csv, metrics.png")
+
+
+if __name__ == "__main__":
+    app.run(main)

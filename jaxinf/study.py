@@ -1,0 +1,154 @@
+"""The study of Li et al. (2024) as library calls: presets, attribution methods, and one run over a task.
+
+Every influence method ranks training row n for test row q by
+
+    score(q, n) = <P g_q, g_n>,   g = gradient of the per-example loss w.r.t. the LoRA adapters,
+
+with P the method's preconditioner (see jaxinf.attribution for the sign). Curvature for the iHVP methods is
+the damped empirical Fisher of the training gradients, (1/N) G^T G + lambda I, built from gradients computed
+once (`jaxinf.curvature.cached`): on a 2-core CPU one pass of model gradients is what is affordable, and every
+solver (LiSSA, CG, Lanczos, Arnoldi, DataInf, the per-layer exact inverse) then runs on the same matrix, so
+their differences are differences of approximation only. K-FAC / EK-FAC fit their Kronecker factors from
+layer inputs and output cotangents of the same training rows. Damping is relative: a fraction of the mean
+eigenvalue (trace / dim) of the matrix each method inverts (per layer for the layer-wise methods).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf import attribution, ihvp
+from jaxinf.curvature.cached import gradient_fisher_operator
+from jaxinf.models import LMFunctions
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Sizes and settings of one study run."""
+
+    limit_train: Optional[int]
+    limit_test: Optional[int]
+    max_length: int
+    epochs: float
+    batch_size: int
+    lr: float
+    lora_dropout: float
+    template: str
+    damping: float = 0.1  # relative: fraction of the mean eigenvalue
+    lissa_depth: int = 300
+    cg_iters: int = 100
+    krylov_iters: int = 40
+    tracin_checkpoints: int = 3
+    grad_chunk: int = 8
+    epochs_harmful: Optional[float] = None  # the study trained 50 epochs on the harmful sets
+
+
+PRESETS = {
+    # A 2-core CPU in about 15 minutes with SmolLM2-135M: a stratified subsample, short rows.
+    "quick": Preset(limit_train=48, limit_test=16, max_length=96, epochs=3, batch_size=8, lr=1e-3,
+                    lora_dropout=0.0, template="chat"),
+    # The study's released settings (all rows, [INST] template, AdamW 5e-5, batch 24, dropout 0.1).
+    "paper": Preset(limit_train=None, limit_test=None, max_length=128, epochs=10, batch_size=24, lr=5e-5,
+                    lora_dropout=0.1, template="inst", epochs_harmful=50, tracin_checkpoints=5),
+}
+
+ALL_METHODS = ("grad_dot", "grad_cos", "tracin", "datainf", "exact", "lissa", "cg", "arnoldi", "lanczos",
+               "kfac", "ekfac", "repsim")
+
+
+@dataclasses.dataclass
+class StudyInputs:
+    """What the methods share: model functions, adapters, tokenised splits, gradients, and settings."""
+
+    fns: LMFunctions
+    adapters: Any
+    train: Any  # TokenizedRows
+    test: Any
+    workdir: str
+    preset: Preset
+    train_grads: Any  # stacked pytree [N, ...]
+    test_grads: Any  # stacked pytree [M, ...]
+    seed: int = 0
+    lissa_depth: Optional[int] = None
+    repsim_pooling: str = "prompt_end"
+    _fisher: Any = None
+
+    @property
+    def fisher(self):
+        if self._fisher is None:
+            self._fisher = gradient_fisher_operator(self.train_grads)
+        return self._fisher
+
+
+def _flat(tree) -> np.ndarray:
+    return np.asarray(attribution.flatten_rows(tree))
+
+
+def _preconditioned_scores(inputs: StudyInputs, solver: ihvp.IHVPSolver, op) -> np.ndarray:
+    state = solver.fit(op, jax.random.key(inputs.seed))
+    pq = solver.apply_batched(state, inputs.test_grads)
+    return _flat(pq) @ _flat(inputs.train_grads).T
+
+
+def _solver_method(make: Callable[[StudyInputs], ihvp.IHVPSolver]):
+    return lambda inputs: _preconditioned_scores(inputs, make(inputs), inputs.fisher)
+
+
+def _tracin(inputs: StudyInputs) -> np.ndarray:
+    from jaxinf.training import checkpoint_steps
+
+    steps = checkpoint_steps(inputs.workdir)
+    k = inputs.preset.tracin_checkpoints
+    chosen = sorted({steps[round(i * (len(steps) - 1) / k)] for i in range(k)})  # evenly spaced, last excluded
+    ckpts = attribution.tracin_checkpoints(inputs.workdir, inputs.adapters, chosen)
+    return attribution.tracin_scores(inputs.fns, ckpts, inputs.test, inputs.train, chunk_size=inputs.preset.grad_chunk)
+
+
+def _kfac_method(kind: str):
+    def run(inputs: StudyInputs) -> np.ndarray:
+        factory = getattr(ihvp, kind)
+        solver = factory(damping=ihvp.relative(inputs.preset.damping))
+        batches = list(attribution.batches_of(inputs.train, inputs.preset.grad_chunk))
+        state = solver.fit((inputs.fns, inputs.adapters, batches), jax.random.key(inputs.seed))
+        pq = solver.apply_batched(state, inputs.test_grads)
+        return _flat(pq) @ _flat(inputs.train_grads).T
+
+    return run
+
+
+METHODS: dict[str, Callable[[StudyInputs], np.ndarray]] = {
+    "grad_dot": lambda i: _flat(i.test_grads) @ _flat(i.train_grads).T,
+    "grad_cos": lambda i: attribution.cosine_matrix(_flat(i.test_grads), _flat(i.train_grads)),
+    "tracin": _tracin,
+    "datainf": _solver_method(lambda i: ihvp.datainf(damping=ihvp.relative(i.preset.damping))),
+    "exact": _solver_method(lambda i: ihvp.woodbury(damping=ihvp.relative(i.preset.damping))),
+    "lissa": _solver_method(lambda i: ihvp.lissa(damping=ihvp.relative(i.preset.damping),
+                                                 depth=i.lissa_depth or i.preset.lissa_depth)),
+    "cg": _solver_method(lambda i: ihvp.cg(damping=ihvp.relative(i.preset.damping), maxiter=i.preset.cg_iters,
+                                           tol=1e-6)),
+    "arnoldi": _solver_method(lambda i: ihvp.arnoldi(damping=ihvp.relative(i.preset.damping),
+                                                     num_iters=i.preset.krylov_iters)),
+    "lanczos": _solver_method(lambda i: ihvp.lanczos(damping=ihvp.relative(i.preset.damping),
+                                                     num_iters=i.preset.krylov_iters)),
+    "kfac": _kfac_method("kfac"),
+    "ekfac": _kfac_method("ekfac"),
+    "repsim": lambda i: attribution.repsim_scores(i.fns, i.adapters, i.test, i.train, pooling=i.repsim_pooling,
+                                                  chunk_size=i.preset.grad_chunk),
+}
+
+
+def run_method(name: str, inputs: StudyInputs) -> tuple[np.ndarray, float]:
+    """(scores [M, N], wall seconds) of one method."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
+    start = time.perf_counter()
+    scores = np.asarray(METHODS[name](inputs), np.float64)
+    if not np.all(np.isfinite(scores)):
+        raise FloatingPointError(f"method {name!r} produced non-finite scores")
+    return scores, time.perf_counter() - start
