@@ -7,6 +7,8 @@ themselves are used unmodified:
 
 * RoPE base: FlaxLlama / FlaxMistral build their rotary tables with base 10000 whatever `config.rope_theta`
   says. We recompute sin/cos with `rope_theta` (SmolLM2 uses 100000) in the activation dtype.
+* float64 models stay float64: HF computes RMSNorm statistics and (for dtype != float32) the attention
+  softmax in float32, which would cap float64 exactness tests at ~1e-7.
 * Extra interceptors (LoRA adapters, layer capture for K-FAC) are composed around every call.
 """
 
@@ -51,6 +53,30 @@ def _rope_interceptor(theta: float) -> Interceptor:
         key, query, position_ids = args
         sin, cos = rotary_tables(position_ids, query.shape[-1], theta, query.dtype)
         return apply_rotary(key, sin, cos).astype(key.dtype), apply_rotary(query, sin, cos).astype(query.dtype)
+
+    return intercept
+
+
+def _float64_interceptor() -> Interceptor:
+    """Keep float64 models in float64 end to end (for exactness tests).
+
+    HF Llama/Mistral compute the RMSNorm variance in float32 and, whenever dtype != float32, the attention
+    softmax in float32 too; in a float64 model that caps agreement between derivatives at ~1e-7.
+    """
+
+    def intercept(next_fun, args, kwargs, context):
+        name, module = type(context.module).__name__, context.module
+        if getattr(module, "dtype", None) != jnp.float64:
+            return next_fun(*args, **kwargs)
+        if context.method_name == "setup" and name.endswith("Attention"):
+            out = next_fun(*args, **kwargs)
+            object.__setattr__(module, "attention_softmax_in_fp32", False)
+            return out
+        if context.method_name == "__call__" and name.endswith("RMSNorm"):
+            h = args[0]
+            variance = jnp.mean(h * h, axis=-1, keepdims=True)
+            return module.weight * (h / jnp.sqrt(variance + module.config.rms_norm_eps))
+        return next_fun(*args, **kwargs)
 
     return intercept
 
@@ -100,6 +126,8 @@ class CausalLM:
         stack = list(interceptors)
         if self.family in ("llama", "mistral"):
             stack.append(_rope_interceptor(float(getattr(self.config, "rope_theta", 10000.0))))
+            if self.dtype == jnp.float64:
+                stack.append(_float64_interceptor())
         outputs = _apply_with(
             stack,
             lambda: self.module.apply(
