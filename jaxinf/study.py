@@ -16,6 +16,7 @@ eigenvalue (trace / dim) of the matrix each method inverts (per layer for the la
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Optional
 
@@ -25,6 +26,8 @@ import numpy as np
 
 from jaxinf import attribution, ihvp
 from jaxinf.curvature.cached import gradient_fisher_operator
+from jaxinf.curvature.kfac import fit_factors
+from jaxinf.ihvp import ekfac as kronecker
 from jaxinf.models import LMFunctions
 
 
@@ -78,6 +81,17 @@ class StudyInputs:
     lissa_depth: Optional[int] = None
     repsim_pooling: str = "prompt_end"
     _fisher: Any = None
+    _kfac: Any = None
+
+    @property
+    def kfac_factors(self):
+        """K-FAC factors and EK-FAC eigenvalues of the training rows (empirical Fisher), fitted once, resumable."""
+        if self._kfac is None:
+            from jaxinf.data import batches
+
+            self._kfac = fit_factors(self.fns, self.adapters, list(batches(self.train, self.preset.grad_chunk)),
+                                     correct=True, directory=os.path.join(os.path.dirname(self.workdir), "kfac_factors"))
+        return self._kfac
 
     @property
     def fisher(self):
@@ -112,11 +126,9 @@ def _tracin(inputs: StudyInputs) -> np.ndarray:
 
 def _kfac_method(kind: str):
     def run(inputs: StudyInputs) -> np.ndarray:
-        factory = getattr(ihvp, kind)
-        solver = factory(damping=ihvp.relative(inputs.preset.damping))
-        batches = list(attribution.batches_of(inputs.train, inputs.preset.grad_chunk))
-        state = solver.fit((inputs.fns, inputs.adapters, batches), jax.random.key(inputs.seed))
-        pq = solver.apply_batched(state, inputs.test_grads)
+        damping = ihvp.relative(inputs.preset.damping)
+        state = kronecker.state_from_factors(inputs.kfac_factors, kind, damping, inputs.adapters)
+        pq = getattr(kronecker, kind)(damping).apply_batched(state, inputs.test_grads)
         return _flat(pq) @ _flat(inputs.train_grads).T
 
     return run

@@ -1,0 +1,70 @@
+"""The study binary end to end on a tiny model and a built-in task, and its metrics on hand-made scores."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST_METHODS = "grad_dot,grad_cos,tracin,datainf,exact,lissa,cg,arnoldi,lanczos,kfac,ekfac,repsim"
+
+
+def _run(workdir, *flags):
+    cmd = [sys.executable, "-m", "experiments.attribute", "--model=tiny-llama", "--data=backdoor",
+           "--limit_train=24", "--limit_test=8", "--epochs=2", "--bootstrap=200", f"--workdir={workdir}", *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("study"))
+    return workdir, *_run(workdir, f"--methods={FAST_METHODS}")
+
+
+def test_every_method_runs_and_writes_results(first_run):
+    workdir, results, stdout = first_run
+    methods = FAST_METHODS.split(",")
+    assert [m for m in methods if "error" in results["methods"].get(m, {"error": "missing"})] == []
+    for m in methods:
+        for key in ("acc", "cover", "auc"):
+            value, (lo, hi) = results["methods"][m][key]["value"], results["methods"][m][key]["ci"]
+            assert 0.0 <= lo <= value <= hi <= 1.0, (m, key, value, lo, hi)
+    assert results["n_train"] == 24 and results["n_test"] == 8
+    for name in ("results.csv", "metrics.png", "results.json"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0
+    assert "Acc" in stdout and "repsim" in stdout
+    # Influence methods that solve the same damped Fisher exactly agree: CG and the exact inverse differ only by
+    # the per-layer blocking, so both must be finite, different from plain gradient matching.
+    s_exact = np.load(os.path.join(workdir, "scores", "exact.npz"))["scores"]
+    s_dot = np.load(os.path.join(workdir, "scores", "grad_dot.npz"))["scores"]
+    assert s_exact.shape == s_dot.shape == (8, 24) and not np.allclose(s_exact, s_dot)
+
+
+def test_metrics_of_the_binary_on_hand_made_scores(first_run, tmp_path):
+    """Hand-made score matrices fed through the binary's cache give the Acc/Cover/AUC worked out by hand."""
+    workdir, results, _ = first_run
+    train, test = np.array(results["train_groups"]), np.array(results["test_groups"])
+    same = (test[:, None] == train[None, :]).astype(float)
+    os.makedirs(tmp_path / "scores")
+    for f in ("attribute_config.json",):
+        with open(os.path.join(workdir, f)) as src, open(tmp_path / f, "w") as dst:
+            dst.write(src.read())
+    os.symlink(os.path.join(workdir, "finetune"), tmp_path / "finetune")
+    for name in ("grads_train.npz", "grads_test.npz"):
+        os.symlink(os.path.join(workdir, name), tmp_path / name)
+    # oracle: same group scores 1 -> Acc = Cover = AUC = 1; anti-oracle -> 0; one row reversed -> 7/8.
+    half = same.copy()
+    half[0] = 1.0 - half[0]
+    for name, matrix in (("grad_dot", same), ("grad_cos", 1.0 - same), ("datainf", half)):
+        np.savez(tmp_path / "scores" / f"{name}.npz", scores=matrix, seconds=0.0)
+    hand, _ = _run(str(tmp_path), "--methods=grad_dot,grad_cos,datainf")
+    got = {m: tuple(hand["methods"][m][k]["value"] for k in ("acc", "cover", "auc")) for m in hand["methods"]}
+    assert got["grad_dot"] == (1.0, 1.0, 1.0)
+    assert got["grad_cos"] == (0.0, 0.0, 0.0)
+    np.testing.assert_allclose(got["datainf"], (7 / 8, 7 / 8, 7 / 8))
