@@ -8,7 +8,10 @@ with P the method's preconditioner (see jaxinf.attribution for the sign). Curvat
 the damped empirical Fisher of the training gradients, (1/N) G^T G + lambda I, built from gradients computed
 once (`jaxinf.curvature.cached`): on a 2-core CPU one pass of model gradients is what is affordable, and every
 solver (LiSSA, CG, Lanczos, Arnoldi, DataInf, the per-layer exact inverse) then runs on the same matrix, so
-their differences are differences of approximation only. K-FAC / EK-FAC fit their Kronecker factors from
+their differences are differences of approximation only. `exact` is the full damped inverse by the Woodbury
+identity (an N x N solve); `exact_layer` is the study's per-layer exact inverse (block-diagonal). Each method's
+scores are compared with `exact`'s (`agreement_with_exact`): for the iHVP methods this is their approximation
+error, the study's first explanation of why influence fails. K-FAC / EK-FAC fit their Kronecker factors from
 layer inputs and output cotangents of the same training rows. Damping is relative: a fraction of the mean
 eigenvalue (trace / dim) of the matrix each method inverts (per layer for the layer-wise methods).
 """
@@ -21,8 +24,8 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 from jaxinf import attribution, ihvp
 from jaxinf.curvature.cached import gradient_fisher_operator
@@ -44,9 +47,9 @@ class Preset:
     lora_dropout: float
     template: str
     damping: float = 0.1  # relative: fraction of the mean eigenvalue
-    lissa_depth: int = 300
+    lissa_depth: int = 3000
     cg_iters: int = 100
-    krylov_iters: int = 40
+    krylov_iters: int = 32
     tracin_checkpoints: int = 3
     grad_chunk: int = 8
     epochs_harmful: Optional[float] = None  # the study trained 50 epochs on the harmful sets
@@ -61,8 +64,8 @@ PRESETS = {
                     lora_dropout=0.1, template="inst", epochs_harmful=50, tracin_checkpoints=5),
 }
 
-ALL_METHODS = ("grad_dot", "grad_cos", "tracin", "datainf", "exact", "lissa", "cg", "arnoldi", "lanczos",
-               "kfac", "ekfac", "repsim")
+ALL_METHODS = ("grad_dot", "grad_cos", "tracin", "datainf", "exact_layer", "exact", "lissa", "cg", "arnoldi",
+               "lanczos", "kfac", "ekfac", "repsim")
 
 
 @dataclasses.dataclass
@@ -104,27 +107,16 @@ def _flat(tree) -> np.ndarray:
     return np.asarray(attribution.flatten_rows(tree))
 
 
-def _preconditioned_scores(inputs: StudyInputs, solver: ihvp.IHVPSolver, op) -> np.ndarray:
-    state = solver.fit(op, jax.random.key(inputs.seed))
-    pq = solver.apply_batched(state, inputs.test_grads)
-    return _flat(pq) @ _flat(inputs.train_grads).T
+def _solver_method(make: Callable[[StudyInputs], ihvp.IHVPSolver]) -> Callable[[StudyInputs], np.ndarray]:
+    def run(inputs: StudyInputs) -> np.ndarray:
+        solver = make(inputs)
+        state = solver.fit(inputs.fisher, jax.random.key(inputs.seed))
+        return _flat(solver.apply_batched(state, inputs.test_grads)) @ _flat(inputs.train_grads).T
+
+    return run
 
 
-def _solver_method(make: Callable[[StudyInputs], ihvp.IHVPSolver]):
-    return lambda inputs: _preconditioned_scores(inputs, make(inputs), inputs.fisher)
-
-
-def _tracin(inputs: StudyInputs) -> np.ndarray:
-    from jaxinf.training import checkpoint_steps
-
-    steps = checkpoint_steps(inputs.workdir)
-    k = inputs.preset.tracin_checkpoints
-    chosen = sorted({steps[round(i * (len(steps) - 1) / k)] for i in range(k)})  # evenly spaced, last excluded
-    ckpts = attribution.tracin_checkpoints(inputs.workdir, inputs.adapters, chosen)
-    return attribution.tracin_scores(inputs.fns, ckpts, inputs.test, inputs.train, chunk_size=inputs.preset.grad_chunk)
-
-
-def _kfac_method(kind: str):
+def _kfac_method(kind: str) -> Callable[[StudyInputs], np.ndarray]:
     def run(inputs: StudyInputs) -> np.ndarray:
         damping = ihvp.relative(inputs.preset.damping)
         state = kronecker.state_from_factors(inputs.kfac_factors, kind, damping, inputs.adapters)
@@ -134,25 +126,60 @@ def _kfac_method(kind: str):
     return run
 
 
+def _tracin(inputs: StudyInputs) -> np.ndarray:
+    from jaxinf.training import checkpoint_steps
+
+    steps = checkpoint_steps(inputs.workdir)
+    k = inputs.preset.tracin_checkpoints
+    chosen = sorted({steps[round(i * (len(steps) - 1) / k)] for i in range(k)})  # evenly spaced, last excluded
+    ckpts = attribution.tracin_checkpoints(inputs.workdir, inputs.adapters, chosen)
+    return attribution.tracin_scores(inputs.fns, ckpts, inputs.test, inputs.train,
+                                     chunk_size=inputs.preset.grad_chunk)
+
+
+def _identity(inputs: StudyInputs) -> np.ndarray:
+    return _flat(inputs.test_grads) @ _flat(inputs.train_grads).T
+
+
+def _repsim(inputs: StudyInputs) -> np.ndarray:
+    return attribution.repsim_scores(inputs.fns, inputs.adapters, inputs.test, inputs.train,
+                                     pooling=inputs.repsim_pooling, chunk_size=inputs.preset.grad_chunk)
+
+
+def _damping(inputs: StudyInputs):
+    return ihvp.relative(inputs.preset.damping)
+
+
 METHODS: dict[str, Callable[[StudyInputs], np.ndarray]] = {
-    "grad_dot": lambda i: _flat(i.test_grads) @ _flat(i.train_grads).T,
+    "grad_dot": _identity,
     "grad_cos": lambda i: attribution.cosine_matrix(_flat(i.test_grads), _flat(i.train_grads)),
     "tracin": _tracin,
-    "datainf": _solver_method(lambda i: ihvp.datainf(damping=ihvp.relative(i.preset.damping))),
-    "exact": _solver_method(lambda i: ihvp.woodbury(damping=ihvp.relative(i.preset.damping))),
-    "lissa": _solver_method(lambda i: ihvp.lissa(damping=ihvp.relative(i.preset.damping),
-                                                 depth=i.lissa_depth or i.preset.lissa_depth)),
-    "cg": _solver_method(lambda i: ihvp.cg(damping=ihvp.relative(i.preset.damping), maxiter=i.preset.cg_iters,
-                                           tol=1e-6)),
-    "arnoldi": _solver_method(lambda i: ihvp.arnoldi(damping=ihvp.relative(i.preset.damping),
-                                                     num_iters=i.preset.krylov_iters)),
-    "lanczos": _solver_method(lambda i: ihvp.lanczos(damping=ihvp.relative(i.preset.damping),
-                                                     num_iters=i.preset.krylov_iters)),
+    "datainf": _solver_method(lambda i: ihvp.datainf(damping=_damping(i))),
+    "exact_layer": _solver_method(lambda i: ihvp.woodbury(damping=_damping(i))),
+    "exact": _solver_method(lambda i: ihvp.woodbury(damping=_damping(i), by="all")),
+    "lissa": _solver_method(lambda i: ihvp.lissa(damping=_damping(i), depth=i.lissa_depth or i.preset.lissa_depth)),
+    "cg": _solver_method(lambda i: ihvp.cg(damping=_damping(i), maxiter=i.preset.cg_iters, tol=1e-6)),
+    "arnoldi": _solver_method(lambda i: ihvp.arnoldi(damping=_damping(i), num_iters=i.preset.krylov_iters)),
+    "lanczos": _solver_method(lambda i: ihvp.lanczos(damping=_damping(i), num_iters=i.preset.krylov_iters)),
     "kfac": _kfac_method("kfac"),
     "ekfac": _kfac_method("ekfac"),
-    "repsim": lambda i: attribution.repsim_scores(i.fns, i.adapters, i.test, i.train, pooling=i.repsim_pooling,
-                                                  chunk_size=i.preset.grad_chunk),
+    "repsim": _repsim,
 }
+
+
+def agreement_with_exact(scores: np.ndarray, exact_scores: np.ndarray) -> dict:
+    """How far a method's score rows are from exact influence's (the `exact` method), per test row, averaged.
+
+    spearman: rank correlation of the two rows (rankings are what attribution reports).
+    direction: |sin angle| between the rows (min over scales c of ||c s - s_exact|| / ||s_exact||).
+    For preconditioned methods, s = G P q with G the training gradients, so this is the iHVP error seen
+    through the training gradients; the part of P q orthogonal to every g_n (which dominates ||P q|| when the
+    damping is small) cannot change a score and is rightly ignored.
+    """
+    x, y = np.asarray(scores, np.float64), np.asarray(exact_scores, np.float64)
+    cos = np.sum(x * y, 1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    rho = [scipy.stats.spearmanr(a, b).statistic for a, b in zip(x, y)]
+    return {"spearman": float(np.mean(rho)), "direction": float(np.mean(np.sqrt(np.clip(1.0 - cos ** 2, 0, 1))))}
 
 
 def run_method(name: str, inputs: StudyInputs) -> tuple[np.ndarray, float]:
