@@ -1,0 +1,365 @@
+"""iHVP solvers checked against the exact dense solve (float64, tiny MLP, 3 fixed batches)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxinf import curvature as cv
+from jaxinf import ihvp
+from jaxinf.curvature import toy
+
+
+def x64():
+    """Scoped 64-bit mode (never flipped globally)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64  # older JAX
+
+    return enable_x64()
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    with x64():
+        yield
+
+
+@dataclasses.dataclass
+class Setup:
+    prob: toy.Problem
+    ops: dict
+    dense: dict
+    v: object
+    vs: object
+
+
+@pytest.fixture(scope="module")
+def s():
+    with x64():
+        prob = toy.mlp_problem(0)
+        ops = {
+            "hessian": cv.hessian_operator(prob.loss_fn, prob.params, prob.batches),
+            "ggn": cv.ggn_operator(prob.model_fn, prob.output_loss_fn, prob.params, prob.batches),
+            "fisher": cv.fisher_operator(prob.per_example_loss_fn, prob.params, prob.batches),
+        }
+        dense = {k: np.asarray(cv.dense_matrix(op)) for k, op in ops.items()}
+        flat, unravel = ravel_pytree(prob.params)
+        rng = np.random.default_rng(123)
+        v = unravel(jnp.asarray(rng.standard_normal(flat.shape)))
+        vs = jax.vmap(unravel)(jnp.asarray(rng.standard_normal((8,) + flat.shape)))
+        return Setup(prob, ops, dense, v, vs)
+
+
+def flat(tree):
+    return np.asarray(ravel_pytree(tree)[0])
+
+
+def rel(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+def exact(mat, lam, v):
+    return np.linalg.solve(mat + lam * np.eye(len(mat)), flat(v))
+
+
+def spectral(mat, lam, v, t):
+    """U diag(1/(t(theta)+lam)) U^T v from numpy's eigh."""
+    theta, u = np.linalg.eigh(mat)
+    return u @ ((u.T @ flat(v)) / (t(theta) + lam))
+
+
+def block_diag(mat, dims):
+    out = np.zeros_like(mat)
+    o = np.cumsum((0,) + tuple(dims))
+    for a, b in zip(o[:-1], o[1:]):
+        out[a:b, a:b] = mat[a:b, a:b]
+    return out
+
+
+def layer_order(params, by="top"):
+    """Permutation from ravel_pytree order to layer-block order, and block sizes."""
+    part = ihvp.LayerPartition.of(params, by=by)
+    offsets = np.cumsum((0,) + part.spec.sizes)
+    perm = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for g in part.groups for i in g])
+    return perm, part.dims
+
+
+KEY = jax.random.key(7)
+
+
+# ----------------------------------------------------------------------------- direct
+
+
+@pytest.mark.parametrize("kind,lam", [("hessian", 0.05), ("ggn", 1e-3), ("fisher", 1e-3)])
+def test_direct_matches_dense_solve(s, kind, lam):
+    solver = ihvp.direct(lam)
+    x = solver.apply(solver.fit(s.ops[kind]), s.v)
+    assert rel(flat(x), exact(s.dense[kind], lam, s.v)) < 1e-6
+
+
+def test_direct_negative_eigenvalue_policies(s):
+    mat, lam = s.dense["hessian"], 0.05
+    assert np.linalg.eigvalsh(mat).min() < -lam  # genuinely indefinite after damping
+    for mode, t in [("abs", np.abs), ("clip", lambda th: np.maximum(th, 0.0))]:
+        solver = ihvp.direct(lam, negative=mode)
+        x = solver.apply(solver.fit(s.ops["hessian"]), s.v)
+        assert rel(flat(x), spectral(mat, lam, s.v, t)) < 1e-10
+        assert rel(flat(x), exact(mat, lam, s.v)) > 1e-2  # and really differs from "keep"
+
+
+def test_relative_damping_is_fraction_of_mean_eigenvalue(s):
+    mat = s.dense["ggn"]
+    lam = 0.1 * np.trace(mat) / len(mat)
+    solver = ihvp.direct(ihvp.relative(0.1))
+    state = solver.fit(s.ops["ggn"])
+    assert abs(float(state.damping) - lam) < 1e-12
+    assert rel(flat(solver.apply(state, s.v)), exact(mat, lam, s.v)) < 1e-10
+    # iterative solvers estimate tr(C) by Hutchinson (needs a key)
+    est = float(ihvp.operator_damping(ihvp.relative(0.1), s.ops["ggn"], KEY, trace_probes=256))
+    assert abs(est - lam) / lam < 0.1
+    with pytest.raises(ValueError, match="key"):
+        ihvp.cg(ihvp.relative(0.1)).fit(s.ops["ggn"])
+    # for the empirical Fisher the trace is exact: mean_i ||g_i||^2
+    fisher = s.dense["fisher"]
+    got = float(ihvp.operator_damping(ihvp.relative(0.1), s.ops["fisher"]))
+    assert abs(got - 0.1 * np.trace(fisher) / len(fisher)) < 1e-12 * got
+
+
+def test_damping_helper():
+    assert float(ihvp.resolve_damping(0.3)) == 0.3
+    assert float(ihvp.absolute(0.3).resolve(100.0, 10)) == 0.3
+    assert float(ihvp.relative(0.5).resolve(100.0, 10)) == 5.0
+    assert ihvp.as_damping(2) == ihvp.absolute(2.0)
+    with pytest.raises(ValueError):
+        ihvp.relative(0.1).resolve()
+    with pytest.raises(ValueError):
+        ihvp.absolute(-1.0)
+
+
+# ----------------------------------------------------------------------------- CG
+
+
+def test_cg_matches_dense_solve(s):
+    lam = 1e-3
+    solver = ihvp.cg(lam, tol=1e-12, maxiter=1000)
+    x, info = solver.apply_with_info(solver.fit(s.ops["fisher"]), s.v)
+    assert bool(info["converged"]) and float(info["relative_residual"]) <= 1e-12
+    assert 0 < int(info["iterations"]) < 1000
+    assert rel(flat(x), exact(s.dense["fisher"], lam, s.v)) < 1e-6
+
+
+def test_cg_iteration_cap_and_nonpositive_curvature_failure(s):
+    lam = 1e-3
+    capped = ihvp.cg(lam, tol=1e-12, maxiter=3)  # same compiled solve: tol/maxiter are data
+    x, info = capped.apply_with_info(capped.fit(s.ops["fisher"]), s.v)
+    assert int(info["iterations"]) == 3 and not bool(info["converged"])
+    assert rel(flat(x), exact(s.dense["fisher"], lam, s.v)) > 1e-3
+    # F has rank N = 48 < n: with no damping, a right-hand side in its null space
+    # gives p^T F p = 0 on the first step, which must stop CG with an error
+    theta, u = np.linalg.eigh(s.dense["fisher"])
+    null = ravel_pytree(s.prob.params)[1](jnp.asarray(u[:, 0]))
+    assert abs(theta[0]) < 1e-12
+    undamped = ihvp.cg(0.0, tol=1e-12, maxiter=1000)
+    with pytest.raises(ihvp.SolverFailedError, match="damping=0 "):
+        undamped.apply(undamped.fit(s.ops["fisher"]), null)
+
+
+# ----------------------------------------------------------------------------- Lanczos / Arnoldi
+
+
+def test_lanczos_full_rank_matches_dense_solve(s):
+    # indefinite Hessian, damping below |lambda_min|: "keep" must still give (H + lambda I)^{-1}
+    lam = 0.05
+    n = len(s.dense["hessian"])
+    solver = ihvp.lanczos(lam, num_iters=n, reorthogonalize=True)
+    state = solver.fit(s.ops["hessian"], KEY)
+    assert rel(flat(solver.apply(state, s.v)), exact(s.dense["hessian"], lam, s.v)) < 1e-6
+    # all n Ritz values are eigenvalues (including the 13-fold zero: needs breakdown restarts)
+    np.testing.assert_allclose(
+        np.sort(np.asarray(state.ritz_values)), np.linalg.eigvalsh(s.dense["hessian"]), atol=1e-10
+    )
+
+
+def test_lanczos_negative_policies(s):
+    lam, n, mat = 0.05, len(s.dense["hessian"]), s.dense["hessian"]
+    solver = ihvp.lanczos(lam, num_iters=n, negative="abs")
+    state = solver.fit(s.ops["hessian"], KEY)
+    x = solver.apply(state, s.v)
+    assert rel(flat(x), spectral(mat, lam, s.v, np.abs)) < 1e-6
+    # the policy is state data: the same Ritz pairs with "clip"
+    clip = dataclasses.replace(state, negative=ihvp.lowrank.negative_code("clip"))
+    x = solver.apply(clip, s.v)
+    assert rel(flat(x), spectral(mat, lam, s.v, lambda th: np.maximum(th, 0.0))) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["lanczos", "arnoldi"])
+def test_ritz_values_and_low_rank_inverse(s, method):
+    mat, lam, m, k = s.dense["fisher"], 1e-2, 40, 10
+    theta, u = np.linalg.eigh(mat)
+    solver = getattr(ihvp, method)(lam, num_iters=m, rank=k)
+    state = solver.fit(s.ops["fisher"], KEY)
+    ritz, res = np.asarray(state.ritz_values), np.asarray(state.ritz_residuals)
+    assert ritz.shape == res.shape == (m,)
+    converged = res < 1e-8 * theta[-1]
+    assert converged.sum() >= k  # at least the top-k have converged after 40 steps
+    for r in ritz[converged]:
+        nearest = theta[np.argmin(np.abs(theta - r))]
+        assert abs(r - nearest) <= 1e-6 * abs(nearest)
+    # the top-k Ritz values are the top-k eigenvalues ...
+    np.testing.assert_allclose(np.sort(np.asarray(state.eigvals)), theta[-k:], rtol=1e-6)
+    # ... and the inverse is U diag(1/(theta+lam)) U^T v + (v - U U^T v)/lam with the exact U
+    uk, vf = u[:, -k:], flat(s.v)
+    want = uk @ ((uk.T @ vf) / (theta[-k:] + lam)) + (vf - uk @ (uk.T @ vf)) / lam
+    assert rel(flat(solver.apply(state, s.v)), want) < 1e-6
+    # which is not the exact inverse (rank 10 of 48 nonzero directions)
+    assert rel(want, exact(mat, lam, s.v)) > 1e-2
+
+
+# ----------------------------------------------------------------------------- LiSSA
+
+
+def test_lissa_error_falls_with_depth_and_reaches_1e_3(s):
+    mat = s.dense["fisher"]
+    lam = 0.1  # well conditioned: (lambda_max + lam) / lam ~ 10
+    want = exact(mat, lam, s.v)
+    errs = []
+    for depth in (20, 160):
+        solver = ihvp.lissa(lam, depth=depth, sampling="full")
+        state = solver.fit(s.ops["fisher"], KEY)
+        top = np.linalg.eigvalsh(mat)[-1]
+        assert abs(float(state.scale) - 1.25 * (top + lam)) < 1e-3 * top  # power-iteration scale
+        errs.append(rel(flat(solver.apply(state, s.v)), want))
+    assert errs[0] > 10 * errs[1]
+    assert errs[-1] < 1e-3
+    # stochastic: one batch per step (cycled), 2 repeats averaged -> close, not exact
+    cyc = ihvp.lissa(lam, depth=40, repeats=2)  # same config as the batched test
+    cyc_err = rel(flat(cyc.apply(cyc.fit(s.ops["fisher"], KEY), s.v)), want)
+    assert errs[-1] < cyc_err < 0.5
+
+
+def test_lissa_divergence_raises_naming_damping_and_scale(s):
+    # scale below (lambda_max + damping)/2: the top eigendirection is amplified every step
+    too_small = ihvp.lissa(0.1, scale=0.2, depth=160, sampling="full")
+    with pytest.raises(ihvp.SolverFailedError, match=r"diverged.*damping=0\.1.*scale=0\.2"):
+        too_small.apply(too_small.fit(s.ops["fisher"]), s.v)
+
+
+# ----------------------------------------------------------------------------- Woodbury / DataInf
+
+
+def _fisher_blocks(s, by):
+    perm, dims = layer_order(s.prob.params, by)
+    return s.dense["fisher"][np.ix_(perm, perm)], perm, dims
+
+
+@pytest.mark.parametrize("by", ["top", "all"])
+def test_woodbury_equals_dense_block_diagonal_inverse(s, by):
+    fisher, perm, dims = _fisher_blocks(s, by)
+    solver = ihvp.woodbury(ihvp.relative(0.1), by=by)
+    state = solver.fit(s.ops["fisher"])
+    o = np.cumsum((0,) + tuple(dims))
+    lams = np.array([0.1 * np.trace(fisher[a:b, a:b]) / (b - a) for a, b in zip(o[:-1], o[1:])])
+    np.testing.assert_allclose(np.asarray(state.dampings), lams, rtol=1e-12)
+    damped = block_diag(fisher, dims) + np.diag(np.repeat(lams, dims))
+    want = np.linalg.solve(damped, flat(s.v)[perm])
+    assert rel(flat(solver.apply(state, s.v))[perm], want) < 1e-10
+
+
+def test_woodbury_single_block_equals_full_damped_fisher_inverse(s):
+    lam = 1e-3
+    solver = ihvp.woodbury(lam, by="all")
+    x = solver.apply(solver.fit(s.ops["fisher"]), s.v)
+    assert rel(flat(x), exact(s.dense["fisher"], lam, s.v)) < 1e-10
+    # the per-layer (block-diagonal) inverse is a different matrix
+    per_layer = ihvp.woodbury(lam, by="top")
+    assert rel(flat(per_layer.apply(per_layer.fit(s.ops["fisher"]), s.v)), flat(x)) > 1e-2
+
+
+def _datainf_naive(grads, v, lam):
+    """1/(n lam) sum_i (v - (g_i^T v)/(lam + ||g_i||^2) g_i), one example at a time."""
+    out = np.zeros_like(v)
+    for g in grads:
+        out += (v - (g @ v) / (lam + g @ g) * g) / (len(grads) * lam)
+    return out
+
+
+@pytest.mark.parametrize("by", ["top", "leaf"])
+def test_datainf_equals_naive_formula_and_differs_from_exact(s, by, record_property):
+    fisher, perm, dims = _fisher_blocks(s, by)
+    g = cv.dense_per_example_grads(s.prob.per_example_loss_fn, s.prob.params, s.prob.batches)
+    g = np.asarray(g)[:, perm]
+    vf = flat(s.v)[perm]
+    solver = ihvp.datainf(by=by)  # default damping: lambda_l = 0.1 * mean_i ||g_i,l||^2 / d_l
+    state = solver.fit(s.ops["fisher"])
+    got = flat(solver.apply(state, s.v))[perm]
+    o = np.cumsum((0,) + tuple(dims))
+    want, exact_x = [], []
+    for l, (a, b) in enumerate(zip(o[:-1], o[1:])):
+        lam = 0.1 * np.mean(np.sum(g[:, a:b] ** 2, axis=1)) / (b - a)
+        assert abs(float(state.dampings[l]) - lam) <= 1e-12 * lam
+        want.append(_datainf_naive(g[:, a:b], vf[a:b], lam))
+        exact_x.append(np.linalg.solve(fisher[a:b, a:b] + lam * np.eye(b - a), vf[a:b]))
+    want, exact_x = np.concatenate(want), np.concatenate(exact_x)
+    assert rel(got, want) < 1e-10
+    gap = rel(got, exact_x)  # DataInf's approximation error against the exact damped block inverse
+    record_property("datainf_vs_exact_rel_error", gap)
+    print(f"DataInf ({by}) relative error vs exact per-layer inverse: {gap:.3f}")
+    assert gap > 0.05
+
+
+def test_identity_is_gradient_matching(s):
+    state = ihvp.identity().fit(s.ops["ggn"])
+    assert rel(flat(ihvp.identity().apply(state, s.v)), flat(s.v)) == 0.0
+    half = ihvp.identity(scale=2.0)
+    assert rel(flat(half.apply(half.fit(s.prob.params), s.v)), flat(s.v) / 2) < 1e-15
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+BATCH_SOLVERS = {
+    "direct": lambda: ihvp.direct(1e-2),
+    "cg": lambda: ihvp.cg(1e-2, tol=1e-10, maxiter=300),
+    "lissa": lambda: ihvp.lissa(0.1, depth=40, repeats=2),
+    "lanczos": lambda: ihvp.lanczos(1e-2, num_iters=40, rank=10),  # shapes shared with the Ritz test
+    "arnoldi": lambda: ihvp.arnoldi(1e-2, num_iters=40, rank=10),
+    "woodbury": lambda: ihvp.woodbury(),
+    "datainf": lambda: ihvp.datainf(),
+    "identity": lambda: ihvp.identity(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BATCH_SOLVERS))
+def test_batched_apply_equals_python_loop(s, name):
+    solver = BATCH_SOLVERS[name]()
+    state = solver.fit(s.ops["fisher"], KEY)
+    xs = solver.apply_batched(state, s.vs)
+    assert jax.tree.structure(xs) == jax.tree.structure(s.vs)
+    for i in range(8):
+        xi = solver.apply(state, jax.tree.map(lambda a: a[i], s.vs))
+        assert rel(flat(jax.tree.map(lambda a: a[i], xs)), flat(xi)) < 1e-9
+
+
+def test_contracts(s):
+    solver = ihvp.direct(1e-2)
+    state = solver.fit(s.ops["ggn"])
+    with pytest.raises(AssertionError):  # wrong shape
+        solver.apply(state, jax.tree.map(lambda a: a[:1], s.vs))
+    with pytest.raises(AssertionError):  # wrong dtype
+        solver.apply(state, jax.tree.map(lambda a: a.astype(jnp.float32), s.v))
+    with pytest.raises(AssertionError):  # no query axis
+        solver.apply_batched(state, s.v)
+    with pytest.raises(ValueError, match="key"):
+        ihvp.lanczos(1e-2, num_iters=5).fit(s.ops["ggn"])
+    with pytest.raises(ValueError):
+        ihvp.lanczos(1e-2, num_iters=5, negative="flip")
+    with pytest.raises(ValueError, match="fisher"):
+        ihvp.woodbury().fit(s.ops["ggn"])
+    cg = ihvp.cg(1e-2)
+    x, info = jax.eval_shape(cg.solve, cg.fit(s.ops["fisher"]), s.v)  # the pure core traces
+    assert set(info) >= {"ok", "iterations", "relative_residual"}
+    assert jax.tree.structure(x) == jax.tree.structure(s.v)
