@@ -183,3 +183,26 @@ def test_smollm2_loads_with_tied_head_and_its_rope_base():
     ids = jnp.asarray(prompt + answer, jnp.int32)[None]
     logits = model.apply(model.params, ids, jnp.ones_like(ids))[0]
     assert np.asarray(jnp.argmax(logits[len(prompt) - 1:-1], -1)).tolist() == answer
+
+
+@pytest.mark.parametrize("weights", ["flax", "safetensors"])
+def test_local_hf_directory_round_trip(tmp_path, weights):
+    """A local HF folder (Flax msgpack, or PyTorch-layout safetensors read without torch) gives the same logits."""
+    import transformers
+    from flax import traverse_util
+    from safetensors.numpy import save_file
+
+    model = load_model("tiny-llama")
+    model.config.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    if weights == "flax":
+        transformers.FlaxLlamaForCausalLM(model.config, _do_init=False).save_pretrained(tmp_path, params=model.params)
+    else:  # torch names and [out, in] weights
+        tensors = {".".join(k[:-1]) + ".weight": np.ascontiguousarray(np.asarray(v).T if k[-1] == "kernel" else v)
+                   for k, v in traverse_util.flatten_dict(model.params).items()}
+        save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    local = load_model(str(tmp_path))
+    batch = _batch()
+    np.testing.assert_array_equal(np.asarray(model.apply(model.params, batch["input_ids"], batch["attention_mask"])),
+                                  np.asarray(local.apply(local.params, batch["input_ids"], batch["attention_mask"])))
+    assert local.tokenizer("hi there")["input_ids"] == model.tokenizer("hi there")["input_ids"]

@@ -99,9 +99,8 @@ def _local_model(path: str, dtype) -> CausalLM:
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     family = _family(config)
     has_flax = os.path.exists(os.path.join(path, "flax_model.msgpack"))
-    flax_model = _FLAX_CLASSES[family].from_pretrained(path, from_pt=not has_flax, local_files_only=True,
-                                                       _do_init=False)
-    params = flax_model[1] if isinstance(flax_model, tuple) else flax_model.params
+    # from_pt reads PyTorch .bin (needs torch) or .safetensors (no torch) and converts the layout.
+    params = _FLAX_CLASSES[family].from_pretrained(path, from_pt=not has_flax, local_files_only=True).params
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     return _build(os.path.basename(os.path.normpath(path)), config, params, tokenizer, dtype)
 

@@ -1,0 +1,75 @@
+r"""Collect results.json of several attribute runs into one CSV and Markdown tables (Acc, Cover, AUC).
+
+    python -m experiments.summarize --runs=runs/study --out=results/study_quick
+"""
+
+import csv
+import glob
+import json
+import os
+
+from absl import app, flags
+
+from jaxinf.study import ALL_METHODS
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("runs", "runs/study", "folder whose subfolders hold results.json")
+flags.DEFINE_string("out", "results/study_quick", "output prefix: <out>.csv and <out>.md")
+
+STUDY_ORDER = ("mixedS", "mixedL", "emotion", "grammars", "math", "backdoor", "multibackdoor", "multibackdoor5")
+
+
+def _load(runs_dir):
+    found = {}
+    for path in glob.glob(os.path.join(runs_dir, "*", "results.json")):
+        with open(path) as f:
+            found[os.path.basename(os.path.dirname(path))] = json.load(f)
+    order = [d for d in STUDY_ORDER if d in found] + sorted(d for d in found if d not in STUDY_ORDER)
+    return [(d, found[d]) for d in order]
+
+
+def _table(runs, metric, methods):
+    head = "| data (train/test) | " + " | ".join(methods) + " |"
+    lines = [head, "|" + "---|" * (len(methods) + 1)]
+    for name, res in runs:
+        cells = []
+        for m in methods:
+            d = res["methods"].get(m, {})
+            cells.append("failed" if "error" in d else ("" if metric not in d else f"{d[metric]['value']:.2f}"))
+        lines.append(f"| {name} ({res['n_train']}/{res['n_test']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    runs = _load(FLAGS.runs)
+    if not runs:
+        raise app.UsageError(f"no */results.json under {FLAGS.runs}: run experiments.attribute first")
+    methods = [m for m in ALL_METHODS if any(m in r["methods"] for _, r in runs)]
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out + ".csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["data", "n_train", "n_test", "method", "acc", "acc_lo", "acc_hi", "cover", "cover_lo",
+                         "cover_hi", "auc", "spearman_vs_exact", "seconds"])
+        for name, res in runs:
+            for m in methods:
+                d = res["methods"].get(m)
+                if not d or "error" in d:
+                    continue
+                writer.writerow([name, res["n_train"], res["n_test"], m, d["acc"]["value"], *d["acc"]["ci"],
+                                 d["cover"]["value"], *d["cover"]["ci"], d["auc"]["value"],
+                                 d["vs_exact"]["spearman"], d["seconds"]])
+    first = runs[0][1]
+    parts = [f"Model {first['model']}, preset {first['preset']}, seed {first['seed']}, loss on "
+             f"{first['loss_on']}, RepSim pooling {first['repsim_pooling']}. Bootstrap 95% intervals in "
+             f"{os.path.basename(FLAGS.out)}.csv.",
+             "\n**Acc** (top-1 training row in the test row's group)\n", _table(runs, "acc", methods),
+             "\n**Cover** (fraction of the top-c rows in the group, c = group size)\n", _table(runs, "cover", methods),
+             "\n**ROC-AUC** (same-group rows ranked above the rest)\n", _table(runs, "auc", methods)]
+    with open(FLAGS.out + ".md", "w") as f:
+        f.write("\n".join(parts) + "\n")
+    print("\n".join(parts))
+
+
+if __name__ == "__main__":
+    app.run(main)
