@@ -12,6 +12,7 @@ Each step averages the gradient over `grad_accum` micro-batches of `batch_size /
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -96,11 +97,14 @@ def _tree_norm(tree) -> jax.Array:
 
 
 def make_train_step(fns: LMFunctions, optimizer: optax.GradientTransformation, grad_accum: int):
-    """jit-compiled step: (trainable, opt_state, init, batch, rng) -> (trainable, opt_state, metrics)."""
-    grad_fn = jax.value_and_grad(fns.loss)
+    """jit-compiled step: (trainable, opt_state, init, batch, rng) -> (trainable, opt_state, metrics).
+
+    The frozen base weights enter the compiled step as an argument (see `LMFunctions.with_base`).
+    """
 
     @jax.jit
-    def step(trainable, opt_state, init, batch, rng):
+    def step_with_base(base, trainable, opt_state, init, batch, rng):
+        grad_fn = jax.value_and_grad(fns.with_base(base).loss)
         micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
 
         def accumulate(carry, inputs):
@@ -122,7 +126,7 @@ def make_train_step(fns: LMFunctions, optimizer: optax.GradientTransformation, g
         }
         return new, opt_state, metrics
 
-    return step
+    return functools.partial(step_with_base, fns.model.params)
 
 
 def checkpoint_manager(workdir: str, keep: Optional[int] = None) -> ocp.CheckpointManager:

@@ -115,8 +115,10 @@ def _example_loss(loss) -> ExampleLoss:
     return loss.example_loss_fn() if isinstance(loss, LMFunctions) else loss
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _chunk_grads(loss, trainable, chunk, flatten):
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _chunk_grads(loss, base, trainable, chunk, flatten):
+    if base is not None:  # frozen weights as an argument, not as compile-time constants
+        loss = loss.with_base(base)
     grads = jax.vmap(jax.grad(_example_loss(loss)), in_axes=(None, 0))(trainable, chunk)
     return flatten_rows(grads) if flatten else grads
 
@@ -142,7 +144,8 @@ def iter_per_example_gradients(loss: Union[LMFunctions, ExampleLoss], trainable:
     idx = np.arange(n) if indices is None else np.asarray(indices, np.int64).reshape(-1)
     for s in range(0, len(idx), chunk_size):
         rows = idx[s:s + chunk_size]
-        grads = _chunk_grads(loss, trainable, _padded_chunk(arrays, rows, chunk_size), flatten)
+        base = loss.model.params if isinstance(loss, LMFunctions) else None
+        grads = _chunk_grads(loss, base, trainable, _padded_chunk(arrays, rows, chunk_size), flatten)
         yield rows, jax.tree.map(lambda x: x[:len(rows)], grads)
 
 

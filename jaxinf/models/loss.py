@@ -51,6 +51,12 @@ class LMFunctions:
     model: CausalLM
     lora: Optional[LoraConfig] = None
 
+    def with_base(self, base_params: Any) -> "LMFunctions":
+        """The same functions with other frozen weights. Inside `jax.jit`, pass the model's params as an
+        argument and call this on them: closed-over weights would be baked into the program as constants
+        (slow to compile, and XLA constant-folds e.g. the transposed 49152 x 576 embedding)."""
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, params=base_params))
+
     def _params_and_interceptors(self, trainable, rng):
         if self.lora is None:
             return trainable, ()
