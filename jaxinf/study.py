@@ -30,7 +30,7 @@ import scipy.stats
 from jaxinf import attribution, ihvp
 from jaxinf.curvature.cached import gradient_fisher_operator
 from jaxinf.curvature.kfac import fit_factors
-from jaxinf.ihvp import ekfac as kronecker
+from jaxinf.ihvp.ekfac import ekfac, kfac, state_from_factors
 from jaxinf.models import LMFunctions
 
 
@@ -119,8 +119,8 @@ def _solver_method(make: Callable[[StudyInputs], ihvp.IHVPSolver]) -> Callable[[
 def _kfac_method(kind: str) -> Callable[[StudyInputs], np.ndarray]:
     def run(inputs: StudyInputs) -> np.ndarray:
         damping = ihvp.relative(inputs.preset.damping)
-        state = kronecker.state_from_factors(inputs.kfac_factors, kind, damping, inputs.adapters)
-        pq = getattr(kronecker, kind)(damping).apply_batched(state, inputs.test_grads)
+        state = state_from_factors(inputs.kfac_factors, kind, damping, inputs.adapters)
+        pq = {"kfac": kfac, "ekfac": ekfac}[kind](damping).apply_batched(state, inputs.test_grads)
         return _flat(pq) @ _flat(inputs.train_grads).T
 
     return run
