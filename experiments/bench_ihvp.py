@@ -44,6 +44,8 @@ flags.DEFINE_integer("seed", 0, "seed for the model, data and solver keys")
 flags.DEFINE_integer("repeats", 30, "timed repeats per function (interleaved)")
 flags.DEFINE_bool("quick", False, "smaller sweeps (smoke test)")
 # timing model
+flags.DEFINE_list("lm_timing", [], "also time HVPs on LoRA adapters of these jaxinf models "
+                  "(e.g. tiny-llama,smollm2-135m-instruct), batch time_batch x time_seq random tokens")
 flags.DEFINE_integer("time_vocab", 512, "timing model: vocabulary size")
 flags.DEFINE_integer("time_embed", 64, "timing model: embedding width")
 flags.DEFINE_integer("time_hidden", 256, "timing model: hidden width")
@@ -354,6 +356,21 @@ def run_benchmark(
     return {"timing": timing, "error_study": study}
 
 
+def time_lora_lm(name: str, batch_size: int, seq: int, repeats: int, seed: int) -> dict:
+    """`time_products` on a jaxinf causal LM's LoRA adapters (q_proj, v_proj, r=4) and random tokens."""
+    from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model
+
+    model = load_model(name)
+    lora = LoraConfig()
+    fns = LMFunctions(model, lora)
+    adapters = init_adapters(jax.random.key(seed), model, lora, b_std=0.01)
+    ids = jax.random.randint(jax.random.key(seed + 1), (batch_size, seq), 0, model.config.vocab_size)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones(ids.shape)}
+    out = time_products(fns.loss, adapters, batch, repeats=repeats, per_example_loss_fn=fns.per_example_loss,
+                        model_fn=fns.logits, output_loss_fn=fns.output_loss, seed=seed)
+    return dict(out, model=model.name, batch=[batch_size, seq])
+
+
 def main(argv):
     del argv
     key = jax.random.key(FLAGS.seed)
@@ -378,6 +395,8 @@ def main(argv):
         quick=FLAGS.quick,
         seed=FLAGS.seed,
     )
+    results["lm_timing"] = {name: time_lora_lm(name, FLAGS.time_batch, FLAGS.time_seq, FLAGS.repeats, FLAGS.seed)
+                            for name in FLAGS.lm_timing}
     results["config"] = {
         "model": "2-layer MLP LM over random tokens (float32)",
         "flags": {k: FLAGS[k].value for k in FLAGS if k in _OWN_FLAGS},
