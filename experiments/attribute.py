@@ -8,6 +8,7 @@ gradients, one score matrix per method. Outputs: results.json, results.csv, metr
 """
 
 import csv
+import dataclasses
 import json
 import os
 
@@ -35,6 +36,7 @@ flags.DEFINE_enum("loss_on", "response", ["response", "all", "all_with_padding"]
 flags.DEFINE_enum("repsim_pooling", "prompt_end", list(attribution.POOLINGS),
                   "RepSim representation: hidden state at the final prompt token (the study) or response mean")
 flags.DEFINE_integer("lissa_depth", None, "LiSSA iterations (the study's code ran 3-10; default: the preset's)")
+flags.DEFINE_float("damping", None, "override the preset's relative damping (fraction of the mean eigenvalue)")
 flags.DEFINE_integer("bootstrap", 1000, "bootstrap resamples over test rows for the confidence intervals")
 
 
@@ -97,13 +99,15 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     preset = study.PRESETS[FLAGS.preset]
+    if FLAGS.damping is not None:
+        preset = dataclasses.replace(preset, damping=FLAGS.damping)
     unknown = [m for m in FLAGS.methods if m not in study.METHODS]
     if unknown:
         raise app.UsageError(f"unknown --methods {unknown}; choose from {list(study.METHODS)}")
     os.makedirs(FLAGS.workdir, exist_ok=True)
     _check_settings(FLAGS.workdir, {k: FLAGS[k].value for k in (
         "model", "data", "preset", "seed", "limit_train", "limit_test", "epochs", "loss_on", "repsim_pooling",
-        "lissa_depth")})
+        "lissa_depth", "damping")})
 
     model = load_model(FLAGS.model, seed=FLAGS.seed)
     task = recipes.load_task(model, recipes.TaskConfig(
