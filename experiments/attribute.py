@@ -64,8 +64,8 @@ def _check_settings(workdir, settings):
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if old != settings:
-            changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if changed:  # a setting added since (absent = its default, None) is no change
             raise app.UsageError(f"{workdir} holds results made with other settings {changed} (old, new): "
                                  "use a new --workdir")
     else:
