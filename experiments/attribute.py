@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 from tqdm.auto import tqdm

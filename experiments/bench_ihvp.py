@@ -45,7 +45,9 @@ flags.DEFINE_integer("repeats", 30, "timed repeats per function (interleaved)")
 flags.DEFINE_bool("quick", False, "smaller sweeps (smoke test)")
 # timing model
 flags.DEFINE_list("lm_timing", [], "also time HVPs on LoRA adapters of these jaxinf models "
-                  "(e.g. tiny-llama,smollm2-135m-instruct), batch time_batch x time_seq random tokens")
+                  "(e.g. tiny-llama,smollm2-135m-instruct) on lm_batch x lm_seq random tokens")
+flags.DEFINE_integer("lm_batch", 4, "LM timing: batch size")
+flags.DEFINE_integer("lm_seq", 64, "LM timing: sequence length")
 flags.DEFINE_integer("time_vocab", 512, "timing model: vocabulary size")
 flags.DEFINE_integer("time_embed", 64, "timing model: embedding width")
 flags.DEFINE_integer("time_hidden", 256, "timing model: hidden width")
@@ -395,7 +397,7 @@ def main(argv):
         quick=FLAGS.quick,
         seed=FLAGS.seed,
     )
-    results["lm_timing"] = {name: time_lora_lm(name, FLAGS.time_batch, FLAGS.time_seq, FLAGS.repeats, FLAGS.seed)
+    results["lm_timing"] = {name: time_lora_lm(name, FLAGS.lm_batch, FLAGS.lm_seq, FLAGS.repeats, FLAGS.seed)
                             for name in FLAGS.lm_timing}
     results["config"] = {
         "model": "2-layer MLP LM over random tokens (float32)",

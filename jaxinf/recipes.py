@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxinf import data as jdata
 from jaxinf import training
-from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model
+from jaxinf.models import LMFunctions, LoraConfig, init_adapters
 from jaxinf.models.causal_lm import CausalLM
 
 

@@ -33,16 +33,9 @@ import jax.numpy as jnp
 from jaxinf.curvature._tree import TreeSpec
 from jaxinf.curvature.operators import CurvatureOperator
 from jaxinf.ihvp.base import IHVPSolver
-from jaxinf.ihvp.damping import DampingLike, as_damping, operator_damping
+from jaxinf.ihvp.damping import DampingLike
 from jaxinf.ihvp.lanczos import next_krylov_vector, flat_matvec
-from jaxinf.ihvp.lowrank import (
-    LowRankState,
-    check_negative,
-    lowrank_failure,
-    lowrank_solve,
-    negative_code,
-    select_top_k,
-)
+from jaxinf.ihvp.lowrank import krylov_solver, select_top_k
 
 
 def arnoldi_hessenberg(op: CurvatureOperator, key: jax.Array, num_iters: int, reorthogonalize: bool = True):
@@ -94,21 +87,8 @@ def arnoldi(
     trace_probes: int = 16,
 ) -> IHVPSolver:
     """Arnoldi low-rank inverse: `num_iters` C-products at fit, top-`rank` Ritz pairs by |theta|."""
-    damping = as_damping(damping)
-    check_negative(negative)
-    rank = num_iters if rank is None else rank
-    if not 1 <= rank <= num_iters:
-        raise ValueError(f"need 1 <= rank <= num_iters, got rank={rank}, num_iters={num_iters}")
+    def ritz(op, key, m, reorth, k):
+        basis, hess = arnoldi_hessenberg(op, key, m, reorth)
+        return _arnoldi_ritz(basis, hess, k)
 
-    def fit(op: CurvatureOperator, key=None) -> LowRankState:
-        if key is None:
-            raise ValueError("arnoldi: fit needs a PRNG key (random start vector)")
-        if num_iters > op.dim:
-            raise ValueError(f"arnoldi: num_iters={num_iters} exceeds the dimension n={op.dim}")
-        k_run, k_damp = jax.random.split(key)
-        lam = operator_damping(damping, op, k_damp, trace_probes, "arnoldi")
-        basis, hess = arnoldi_hessenberg(op, k_run, num_iters, reorthogonalize)
-        theta, res, top, u = _arnoldi_ritz(basis, hess, rank)
-        return LowRankState(u, top, lam, theta, res, negative_code(negative), op.spec)
-
-    return IHVPSolver("arnoldi", fit, lowrank_solve, lowrank_failure)
+    return krylov_solver("arnoldi", ritz, damping, num_iters, rank, reorthogonalize, negative, trace_probes)

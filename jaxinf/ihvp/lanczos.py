@@ -37,15 +37,8 @@ import jax.numpy as jnp
 from jaxinf.curvature._tree import TreeSpec
 from jaxinf.curvature.operators import CurvatureOperator
 from jaxinf.ihvp.base import IHVPSolver
-from jaxinf.ihvp.damping import DampingLike, as_damping, operator_damping
-from jaxinf.ihvp.lowrank import (
-    LowRankState,
-    check_negative,
-    lowrank_failure,
-    lowrank_solve,
-    negative_code,
-    select_top_k,
-)
+from jaxinf.ihvp.damping import DampingLike
+from jaxinf.ihvp.lowrank import krylov_solver, select_top_k
 
 
 def flat_matvec(op: CurvatureOperator):
@@ -125,21 +118,8 @@ def lanczos(
     trace_probes: int = 16,
 ) -> IHVPSolver:
     """Lanczos low-rank inverse: `num_iters` C-products at fit, top-`rank` Ritz pairs (default all)."""
-    damping = as_damping(damping)
-    check_negative(negative)
-    rank = num_iters if rank is None else rank
-    if not 1 <= rank <= num_iters:
-        raise ValueError(f"need 1 <= rank <= num_iters, got rank={rank}, num_iters={num_iters}")
+    def ritz(op, key, m, reorth, k):
+        basis, alpha, beta = lanczos_tridiagonal(op, key, m, reorth)
+        return _lanczos_ritz(basis, alpha, beta, k)
 
-    def fit(op: CurvatureOperator, key=None) -> LowRankState:
-        if key is None:
-            raise ValueError("lanczos: fit needs a PRNG key (random start vector)")
-        if num_iters > op.dim:
-            raise ValueError(f"lanczos: num_iters={num_iters} exceeds the dimension n={op.dim}")
-        k_run, k_damp = jax.random.split(key)
-        lam = operator_damping(damping, op, k_damp, trace_probes, "lanczos")
-        basis, alpha, beta = lanczos_tridiagonal(op, k_run, num_iters, reorthogonalize)
-        theta, res, top, u = _lanczos_ritz(basis, alpha, beta, rank)
-        return LowRankState(u, top, lam, theta, res, negative_code(negative), op.spec)
-
-    return IHVPSolver("lanczos", fit, lowrank_solve, lowrank_failure)
+    return krylov_solver("lanczos", ritz, damping, num_iters, rank, reorthogonalize, negative, trace_probes)

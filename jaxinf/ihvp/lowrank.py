@@ -93,3 +93,30 @@ def lowrank_failure(name, state, info) -> str:
         f"negative={negative_name(state.negative)!r}, min t(theta)+damping={float(info['min_shifted_eigenvalue'].min()):.3g}); "
         "increase the damping or use negative='abs'/'clip'"
     )
+
+
+def krylov_solver(name: str, ritz, damping, num_iters: int, rank, reorthogonalize: bool, negative: str,
+                  trace_probes: int):
+    """The IHVPSolver shared by Lanczos and Arnoldi: `ritz(op, key, num_iters, reorthogonalize, rank)` returns
+    (all Ritz values, their residuals, the top-`rank` values, their Ritz vectors [n, rank]); the rest of the
+    spectrum is damped only (see `lowrank_solve`)."""
+    from jaxinf.ihvp.base import IHVPSolver
+    from jaxinf.ihvp.damping import as_damping, operator_damping
+
+    damping = as_damping(damping)
+    check_negative(negative)
+    rank = num_iters if rank is None else rank
+    if not 1 <= rank <= num_iters:
+        raise ValueError(f"need 1 <= rank <= num_iters, got rank={rank}, num_iters={num_iters}")
+
+    def fit(op, key=None) -> LowRankState:
+        if key is None:
+            raise ValueError(f"{name}: fit needs a PRNG key (random start vector)")
+        if num_iters > op.dim:
+            raise ValueError(f"{name}: num_iters={num_iters} exceeds the dimension n={op.dim}")
+        k_run, k_damp = jax.random.split(key)
+        lam = operator_damping(damping, op, k_damp, trace_probes, name)
+        theta, res, top, u = ritz(op, k_run, num_iters, reorthogonalize, rank)
+        return LowRankState(u, top, lam, theta, res, negative_code(negative), op.spec)
+
+    return IHVPSolver(name, fit, lowrank_solve, lowrank_failure)

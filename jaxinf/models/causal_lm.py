@@ -15,7 +15,7 @@ themselves are used unmodified:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import chex
 import flax.linen as nn

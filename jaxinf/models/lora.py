@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
