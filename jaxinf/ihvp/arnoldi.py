@@ -30,11 +30,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxinf.curvature._tree import TreeSpec
 from jaxinf.curvature.operators import CurvatureOperator
 from jaxinf.ihvp.base import IHVPSolver
 from jaxinf.ihvp.damping import DampingLike
-from jaxinf.ihvp.lanczos import next_krylov_vector, flat_matvec
+from jaxinf.ihvp.lanczos import krylov_start, next_krylov_vector
 from jaxinf.ihvp.lowrank import krylov_solver, select_top_k
 
 
@@ -45,12 +44,8 @@ def arnoldi_hessenberg(op: CurvatureOperator, key: jax.Array, num_iters: int, re
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _arnoldi_hessenberg(op, key, num_iters, reorthogonalize):
-    mv = flat_matvec(op)
-    spec = TreeSpec.of(op.params)
-    n, dt, m = spec.size, spec.dtype, num_iters
-    k_start, k_restart = jax.random.split(key)
-    q0 = jax.random.normal(k_start, (n,), dt)
-    basis = jnp.zeros((m + 1, n), dt).at[0].set(q0 / jnp.linalg.norm(q0))
+    mv, basis, k_restart = krylov_start(op, key, num_iters)
+    dt, m = basis.dtype, num_iters
 
     def body(j, carry):
         basis, hess = carry

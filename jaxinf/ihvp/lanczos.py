@@ -68,6 +68,15 @@ def next_krylov_vector(w, basis, key, j, wnorm):
     return q, jnp.where(breakdown, 0.0, b)
 
 
+def krylov_start(op: CurvatureOperator, key: jax.Array, num_iters: int):
+    """(flat matvec, basis [m+1, n] holding a random unit start vector in row 0, key for restarts)."""
+    spec = TreeSpec.of(op.params)
+    k_start, k_restart = jax.random.split(key)
+    q0 = jax.random.normal(k_start, (spec.size,), spec.dtype)
+    basis = jnp.zeros((num_iters + 1, spec.size), spec.dtype).at[0].set(q0 / jnp.linalg.norm(q0))
+    return flat_matvec(op), basis, k_restart
+
+
 def lanczos_tridiagonal(op: CurvatureOperator, key: jax.Array, num_iters: int, reorthogonalize: bool = True):
     """Run m = num_iters Lanczos steps; returns (Q [m+1, n], alpha [m], beta [m])."""
     return _lanczos_tridiagonal(op, key, int(num_iters), bool(reorthogonalize))
@@ -75,12 +84,8 @@ def lanczos_tridiagonal(op: CurvatureOperator, key: jax.Array, num_iters: int, r
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _lanczos_tridiagonal(op, key, num_iters, reorthogonalize):
-    mv = flat_matvec(op)
-    spec = TreeSpec.of(op.params)
-    n, dt, m = spec.size, spec.dtype, num_iters
-    k_start, k_restart = jax.random.split(key)
-    q0 = jax.random.normal(k_start, (n,), dt)
-    basis = jnp.zeros((m + 1, n), dt).at[0].set(q0 / jnp.linalg.norm(q0))
+    mv, basis, k_restart = krylov_start(op, key, num_iters)
+    dt, m = basis.dtype, num_iters
 
     def body(j, carry):
         basis, alpha, beta = carry
