@@ -71,3 +71,18 @@ def test_metrics_of_the_binary_on_hand_made_scores(first_run, tmp_path):
     assert got["grad_dot"] == (1.0, 1.0, 1.0)
     assert got["grad_cos"] == (0.0, 0.0, 0.0)
     np.testing.assert_allclose(got["datainf"], (7 / 8, 7 / 8, 7 / 8))
+
+
+@pytest.mark.slow
+def test_default_model_runs_the_study_end_to_end(tmp_path):
+    """README command 1 in small: SmolLM2-135M-Instruct, built-in backdoor task, every method (about 2 minutes on 2 cores)."""
+    cmd = [sys.executable, "-m", "experiments.attribute", "--limit_train=16", "--limit_test=8", "--epochs=1",
+           "--bootstrap=200", f"--workdir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert results["model"] == "smollm2-135m-instruct"
+    assert sorted(results["methods"]) == sorted(FAST_METHODS.split(","))
+    assert all("error" not in d for d in results["methods"].values()), results["methods"]
+    assert results["methods"]["cg"]["vs_exact"]["spearman"] > 0.99
