@@ -82,6 +82,7 @@ def arnoldi(
     trace_probes: int = 16,
 ) -> IHVPSolver:
     """Arnoldi low-rank inverse: `num_iters` C-products at fit, top-`rank` Ritz pairs by |theta|."""
+
     def ritz(op, key, m, reorth, k):
         basis, hess = arnoldi_hessenberg(op, key, m, reorth)
         return _arnoldi_ritz(basis, hess, k)

@@ -26,7 +26,7 @@ from jaxinf.curvature.operators import CurvatureOperator
 from jaxinf.ihvp.base import IHVPSolver, state_dataclass
 from jaxinf.ihvp.damping import Damping, DampingLike, as_damping
 from jaxinf.ihvp.layers import LayerPartition  # noqa: F401  (state field type)
-from jaxinf.ihvp.woodbury import layer_dampings, layer_gradients
+from jaxinf.ihvp.woodbury import damped_layer_gradients
 
 
 @state_dataclass(data_fields=["grads", "sq_norms", "dampings"], meta_fields=["partition"])
@@ -63,12 +63,9 @@ def datainf(damping: DampingLike = Damping(0.1, relative=True), by: str = "top")
     damping = as_damping(damping)
 
     def fit(op: CurvatureOperator, key=None) -> DataInfState:
-        partition, grads = layer_gradients(op, by)
-        lams = layer_dampings(damping, grads)
-        if not bool(jnp.all(lams > 0)):
-            raise ValueError(f"datainf needs a positive damping per layer, got {lams} from {damping}")
+        partition, grads, lams = damped_layer_gradients("datainf", op, damping, by)
         sq = tuple(jnp.sum(g * g, axis=1) for g in grads)
-        return DataInfState(tuple(grads), sq, lams, partition)
+        return DataInfState(grads, sq, lams, partition)
 
     return IHVPSolver("datainf", fit, _datainf_solve, _failure)
 

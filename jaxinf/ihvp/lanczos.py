@@ -123,6 +123,7 @@ def lanczos(
     trace_probes: int = 16,
 ) -> IHVPSolver:
     """Lanczos low-rank inverse: `num_iters` C-products at fit, top-`rank` Ritz pairs (default all)."""
+
     def ritz(op, key, m, reorth, k):
         basis, alpha, beta = lanczos_tridiagonal(op, key, m, reorth)
         return _lanczos_ritz(basis, alpha, beta, k)

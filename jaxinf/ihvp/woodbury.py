@@ -50,6 +50,15 @@ def layer_dampings(damping: Damping, grads) -> jax.Array:
     return jnp.stack([jnp.asarray(x, grads[0].dtype) for x in lams])
 
 
+def damped_layer_gradients(name: str, op: CurvatureOperator, damping: Damping, by: str):
+    """(partition, per-layer gradients G_l, per-layer dampings lambda_l > 0) for the per-layer Fisher methods."""
+    partition, grads = layer_gradients(op, by)
+    lams = layer_dampings(damping, grads)
+    if not bool(jnp.all(lams > 0)):
+        raise ValueError(f"{name} needs a positive damping per layer, got {lams} from {damping}")
+    return partition, tuple(grads), lams
+
+
 @jax.jit
 def _factor(grads, dampings):
     chols = []
@@ -82,11 +91,7 @@ def woodbury(damping: DampingLike = Damping(0.1, relative=True), by: str = "top"
     damping = as_damping(damping)
 
     def fit(op: CurvatureOperator, key=None) -> WoodburyState:
-        partition, grads = layer_gradients(op, by)
-        lams = layer_dampings(damping, grads)
-        if not bool(jnp.all(lams > 0)):
-            raise ValueError(f"woodbury needs a positive damping per layer, got {lams} from {damping}")
-        grads = tuple(grads)
+        partition, grads, lams = damped_layer_gradients("woodbury", op, damping, by)
         return WoodburyState(grads, _factor(grads, lams), lams, partition)
 
     return IHVPSolver("woodbury", fit, _woodbury_solve, _failure)
