@@ -107,38 +107,50 @@ def _flat(tree) -> np.ndarray:
     return np.asarray(attribution.flatten_rows(tree))
 
 
-def _solver_method(make: Callable[[StudyInputs], ihvp.IHVPSolver]) -> Callable[[StudyInputs], np.ndarray]:
+def _with_directions(directions: Callable[[StudyInputs], np.ndarray]) -> Callable[[StudyInputs], np.ndarray]:
+    """A method whose scores are <d_q, g_n>; `run.directions(inputs)` gives d_q [M, D] (per-token scores use it)."""
     def run(inputs: StudyInputs) -> np.ndarray:
+        return directions(inputs) @ _flat(inputs.train_grads).T
+
+    run.directions = directions
+    return run
+
+
+def _solver_method(make: Callable[[StudyInputs], ihvp.IHVPSolver]) -> Callable[[StudyInputs], np.ndarray]:
+    def directions(inputs: StudyInputs) -> np.ndarray:
         solver = make(inputs)
         state = solver.fit(inputs.fisher, jax.random.key(inputs.seed))
-        return _flat(solver.apply_batched(state, inputs.test_grads)) @ _flat(inputs.train_grads).T
+        return _flat(solver.apply_batched(state, inputs.test_grads))
 
-    return run
+    return _with_directions(directions)
 
 
 def _kfac_method(kind: str) -> Callable[[StudyInputs], np.ndarray]:
-    def run(inputs: StudyInputs) -> np.ndarray:
+    def directions(inputs: StudyInputs) -> np.ndarray:
         damping = ihvp.relative(inputs.preset.damping)
         state = state_from_factors(inputs.kfac_factors, kind, damping, inputs.adapters)
-        pq = {"kfac": kfac, "ekfac": ekfac}[kind](damping).apply_batched(state, inputs.test_grads)
-        return _flat(pq) @ _flat(inputs.train_grads).T
+        return _flat({"kfac": kfac, "ekfac": ekfac}[kind](damping).apply_batched(state, inputs.test_grads))
 
-    return run
+    return _with_directions(directions)
 
 
-def _tracin(inputs: StudyInputs) -> np.ndarray:
+def tracin_checkpoints(inputs: StudyInputs) -> list:
+    """[(trainable_c, w_c)] of the study's TracIn: `preset.tracin_checkpoints` evenly spaced, the last excluded."""
     from jaxinf.training import checkpoint_steps
 
     steps = checkpoint_steps(inputs.workdir)
     k = inputs.preset.tracin_checkpoints
     chosen = sorted({steps[round(i * (len(steps) - 1) / k)] for i in range(k)})  # evenly spaced, last excluded
-    ckpts = attribution.tracin_checkpoints(inputs.workdir, inputs.adapters, chosen)
+    return attribution.tracin_checkpoints(inputs.workdir, inputs.adapters, chosen)
+
+
+def _tracin(inputs: StudyInputs) -> np.ndarray:
+    ckpts = tracin_checkpoints(inputs)
     return attribution.tracin_scores(inputs.fns, ckpts, inputs.test, inputs.train,
                                      chunk_size=inputs.preset.grad_chunk)
 
 
-def _identity(inputs: StudyInputs) -> np.ndarray:
-    return _flat(inputs.test_grads) @ _flat(inputs.train_grads).T
+_identity = _with_directions(lambda inputs: _flat(inputs.test_grads))
 
 
 def _repsim(inputs: StudyInputs) -> np.ndarray:
