@@ -18,7 +18,13 @@ from jaxinf.models.causal_lm import CausalLM
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """Which rows, how they become tokens: source (study folder, file, or generator), template, max_length, masks."""
+    """Which rows, how they become tokens: source (study folder, file, or generator), template, max_length, masks.
+
+    Splits (see jaxinf.data.splits): a source with its own splits is used as is; a single file without a
+    ``split`` column needs ``test_data`` (a second file of test rows) or ``test_fraction`` (a seeded, group-
+    stratified held-out part). Test rows duplicating a training row's (prompt, response) are an error unless
+    ``allow_overlap``. ``max_length`` above the model's context is allowed only while every row fits it.
+    """
 
     source: str = "backdoor"
     template: str = "chat"
@@ -27,6 +33,12 @@ class TaskConfig:
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
     seed: int = 0
+    prompt_column: str = "prompts"
+    response_column: str = "response"
+    group_column: str = "variation"
+    test_data: Optional[str] = None
+    test_fraction: Optional[float] = None
+    allow_overlap: bool = False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -35,16 +47,23 @@ class Task:
     test_rows: list
     train: Any  # jaxinf.data.TokenizedRows
     test: Any
+    split_info: dict = dataclasses.field(default_factory=dict)  # jaxinf.data.Splits.info: mode, sizes, overlap
 
 
 def load_task(model: CausalLM, config: TaskConfig) -> Task:
-    """Rows of both splits (stratified subsample if limited) tokenised with the model's tokenizer."""
-    train_rows = jdata.load_rows(config.source, "train", limit=config.limit_train, seed=config.seed)
-    test_rows = jdata.load_rows(config.source, "test", limit=config.limit_test, seed=config.seed)
-    max_length = min(config.max_length, model.max_length)
-    kw = dict(max_length=max_length, template=config.template, loss_on=config.loss_on)
-    return Task(train_rows, test_rows, jdata.tokenize_rows(model.tokenizer, train_rows, **kw),
-                jdata.tokenize_rows(model.tokenizer, test_rows, **kw))
+    """Disjoint train/test rows (``jaxinf.data.load_splits``; stratified subsample if limited) tokenised with
+    the model's tokenizer. User mistakes raise ``jaxinf.data.DataError`` (one line: file, row, field, fix)."""
+    splits = jdata.load_splits(
+        config.source, test_data=config.test_data, test_fraction=config.test_fraction,
+        prompt_column=config.prompt_column, response_column=config.response_column,
+        group_column=config.group_column, limit_train=config.limit_train, limit_test=config.limit_test,
+        seed=config.seed, allow_overlap=config.allow_overlap)
+    kw = dict(max_length=config.max_length, template=config.template, loss_on=config.loss_on,
+              context=model.max_length)
+    return Task(splits.train, splits.test,
+                jdata.tokenize_rows(model.tokenizer, splits.train, locations=splits.train_where, **kw),
+                jdata.tokenize_rows(model.tokenizer, splits.test, locations=splits.test_where, **kw),
+                split_info=splits.info)
 
 
 def batch_arrays(tokenized) -> dict:

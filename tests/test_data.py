@@ -105,7 +105,7 @@ def test_non_string_value(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([{"prompts": "p", "response": "r", "variation": 3}]))
     with pytest.raises(ValueError, match=r"row 0 column 'variation' \(group_column\) holds int"):
-        load_rows(path)
+        load_rows(path, "all")
 
 
 # --- load_rows: files -------------------------------------------------------------------------
@@ -123,15 +123,20 @@ def test_jsonl_with_mapping_and_split_column(tmp_path):
         load_rows(path, "dev", **kw)
 
 
-def test_csv_without_split_column_is_one_split(tmp_path):
+def test_csv_without_split_column_has_no_train_or_test_split(tmp_path):
+    """Today's defect: a file without splits was returned whole for "train" AND "test" (every test row leaked)."""
     path = tmp_path / "rows.csv"
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "answer", "cls"])
         w.writerows([["hi, there", "yo\nmulti-line", "a"], ["b", "c", "d"]])
-    rows = load_rows(path, prompt_column="text", response_column="answer", group_column="cls")
+    kw = dict(prompt_column="text", response_column="answer", group_column="cls")
+    rows = load_rows(path, "all", **kw)
     assert rows[0] == {"prompt": "hi, there", "response": "yo\nmulti-line", "group": "a"} and len(rows) == 2
-    assert load_rows(path, "test", prompt_column="text", response_column="answer", group_column="cls") == rows
+    for split in ("train", "test"):
+        with pytest.raises(data.DataError, match=rf"rows.csv has no splits.*split '{split}'.*--test_data=FILE.*"
+                                                 r"--test_fraction"):
+            load_rows(path, split, **kw)
 
 
 def test_json_split_dict(tmp_path):
@@ -214,7 +219,7 @@ def test_templates(tok):
 
 ROWS = [{"prompt": "Why?", "response": "Because.", "group": "a"},
         {"prompt": "A longer question here?", "response": "Yes, héllo!", "group": "b"},
-        {"prompt": "x", "response": "", "group": "a"}]
+        {"prompt": "x", "response": "k", "group": "a"}]
 
 
 @pytest.mark.parametrize("template", ["chat", "inst", "plain"])
@@ -236,7 +241,7 @@ def test_tokenize_masks(tok, template):
         target = np.flatnonzero(t.loss_mask[i])
         assert target.tolist() == list(range(t.prompt_end[i] + 1, n))
         assert tok.decode(ids[target]) == full_text[len(prompt_text):]
-    assert t.input_ids[2][t.loss_mask[2] > 0][-1] == tok.eos_token_id  # empty response: eos is still a target
+    assert t.input_ids[2][t.loss_mask[2] > 0][-1] == tok.eos_token_id  # eos is a target
 
 
 def test_tokenize_loss_on_all(tok):
@@ -295,3 +300,113 @@ def test_tokenize_boundary_merge():
         ids = t.input_ids[i]
         assert ids[:t.prompt_end[i] + 1].tolist() == bpe(prompt_text, add_special_tokens=False)["input_ids"]
         assert bpe.decode(ids[t.loss_mask[i] > 0]) == row["response"] + "</s>"
+
+
+# --- splits that cannot leak (issue 14) ---------------------------------------------------------
+
+def write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def user_rows(n=40, groups=("x", "y", "z", "w")):
+    """The issue's trial: 40 rows with `prompts`, `response`, `variation` and no `split` column."""
+    return [{"prompts": f"question {i}?", "response": f"answer {i}", "variation": groups[i % len(groups)]}
+            for i in range(n)]
+
+
+def test_single_file_test_fraction_never_puts_a_test_row_in_training(tmp_path):
+    """Today's defect: load_task read "train" and "test" from this file and got all 40 rows for both."""
+    from jaxinf.data import load_splits
+    path = write_jsonl(tmp_path / "rows.jsonl", user_rows())
+    s = load_splits(path, test_fraction=0.25, seed=3)
+    train_lines = {w.rsplit(":", 1)[1] for w in s.train_where}
+    test_lines = {w.rsplit(":", 1)[1] for w in s.test_where}
+    assert not train_lines & test_lines and len(train_lines | test_lines) == 40  # a partition of the file
+    assert not {(r["prompt"], r["response"]) for r in s.test} & {(r["prompt"], r["response"]) for r in s.train}
+    assert groups(s.test) == {"x": 2, "y": 2, "z": 2, "w": 2}  # round(0.25 * 10) per group
+    assert s.info["mode"] == "test_fraction" and s.info["overlap"] == 0
+    assert "--test_fraction=0.25" in s.info["description"] and "8 of 40 rows held out" in s.info["description"]
+    assert load_splits(path, test_fraction=0.25, seed=3).test == s.test  # seeded
+    assert load_splits(path, test_fraction=0.25, seed=4).test != s.test
+
+
+def test_single_file_without_fix_names_both_fixes(tmp_path):
+    from jaxinf.data import load_splits
+    path = write_jsonl(tmp_path / "rows.jsonl", user_rows())
+    with pytest.raises(data.DataError, match=r"rows.jsonl has no splits.*--test_data=FILE.*--test_fraction") as e:
+        load_splits(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(data.DataError, match="not both"):
+        load_splits(path, test_data=path, test_fraction=0.2)
+    with pytest.raises(data.DataError, match="strictly between 0 and 1"):
+        load_splits(path, test_fraction=1.0)
+    with pytest.raises(data.DataError, match="already has train/test splits; drop --test_fraction"):
+        load_splits("backdoor", test_fraction=0.2)
+
+
+def test_test_data_file_and_duplicates_across_splits(tmp_path):
+    from jaxinf.data import load_splits
+    train = write_jsonl(tmp_path / "train.jsonl", user_rows(12))
+    fresh = [{"prompts": f"new {i}?", "response": "r", "variation": "xyzw"[i % 4]} for i in range(4)]
+    test = write_jsonl(tmp_path / "test.jsonl", fresh + [user_rows(12)[5], user_rows(12)[7]])
+    with pytest.raises(data.DataError, match=r"test.jsonl:5: 2 test row\(s\) have the same prompt and response as "
+                                             r"a training row \(this one equals .*train.jsonl:6\).*--allow_overlap"):
+        load_splits(train, test_data=test)
+    s = load_splits(train, test_data=test, allow_overlap=True)
+    assert (len(s.train), len(s.test), s.info["overlap"], s.info["mode"]) == (12, 6, 2, "test_data")
+    assert "2 test rows duplicate a training row" in s.info["description"]
+    only_fresh = write_jsonl(tmp_path / "fresh.jsonl", fresh)
+    assert load_splits(train, test_data=only_fresh).info["overlap"] == 0
+
+
+def test_duplicates_inside_one_file_are_reported_after_a_held_out_split(tmp_path):
+    from jaxinf.data import load_splits
+    recs = user_rows(20, ("x", "y"))
+    recs += [dict(r) for r in recs]  # every row twice: the held-out part must meet its twins
+    path = write_jsonl(tmp_path / "rows.jsonl", recs)
+    with pytest.raises(data.DataError, match="have the same prompt and response"):
+        load_splits(path, test_fraction=0.5)
+    s = load_splits(path, test_fraction=0.5, allow_overlap=True)
+    assert s.info["overlap"] == len(data.overlap_pairs(s.train, s.test)) > 0
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(user_rows(1)[0]) + "\n\n" + '{"prompts": "p", "response": }\n')
+    with pytest.raises(data.DataError, match=r"rows.jsonl:3: malformed JSON \(.*column.*\); fix line 3") as e:
+        load_rows(path, "all")
+    assert "\n" not in str(e.value)
+    bad = tmp_path / "rows.json"
+    bad.write_text('[\n{"prompts": "p",\n "response": "r" "variation": "g"}]')
+    with pytest.raises(data.DataError, match=r"rows.json:3: malformed JSON"):
+        load_rows(bad, "all")
+
+
+def test_group_with_one_row_and_test_group_absent_from_training(tmp_path):
+    from jaxinf.data import load_splits
+    path = write_jsonl(tmp_path / "rows.jsonl", user_rows(8, ("x", "y")) + [
+        {"prompts": "lonely?", "response": "yes", "variation": "solo"}])
+    with pytest.raises(data.DataError, match=r"rows.jsonl:9: group 'solo' \(--group_column\) has one row.*"
+                                             r"add rows of that group"):
+        load_splits(path, test_fraction=0.25)
+    train = write_jsonl(tmp_path / "train.jsonl", user_rows(8, ("x", "y")))
+    test = write_jsonl(tmp_path / "test.jsonl", [{"prompts": "q?", "response": "a", "variation": "x"},
+                                                 {"prompts": "q2?", "response": "a", "variation": "unseen"}])
+    with pytest.raises(data.DataError, match=r"test.jsonl:2: test group 'unseen' \(--group_column\) has no training "
+                                             r"row.*add training rows of that group or drop those test rows"):
+        load_splits(train, test_data=test)
+
+
+def test_empty_response_and_row_longer_than_context(tok):
+    rows = [{"prompt": "p", "response": "fine", "group": "a"}, {"prompt": "q", "response": "  ", "group": "a"}]
+    where = ["f.jsonl:1", "f.jsonl:2"]
+    with pytest.raises(data.DataError, match=r"f.jsonl:2: the response \(--response_column\) is empty.*fill it in"):
+        tokenize_rows(tok, rows, max_length=32, template="plain", locations=where)
+    long = [{"prompt": "p", "response": "r" * 40, "group": "a"}]
+    with pytest.raises(data.DataError, match=r"f.jsonl:1: the row is 43 tokens after --template=plain, longer than "
+                                             r"the model's context of 30; pass --max_length=30"):
+        tokenize_rows(tok, long, max_length=64, template="plain", context=30, locations=where)
+    # within the context, max_length truncates as before (a warning, not an error)
+    with pytest.warns(UserWarning, match="truncated"):
+        assert tokenize_rows(tok, long, max_length=20, template="plain", context=30).input_ids.shape == (1, 20)

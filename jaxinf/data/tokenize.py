@@ -22,17 +22,20 @@ from tokens ``< t`` (so ``loss_mask[:, 0] == 0``):
   study's released code did (it trained with ``labels = input_ids`` over the padded batch).
 
 Rows longer than ``max_length`` lose their response end (one warning counts them); a row whose
-prompt alone fills ``max_length`` is an error.
+prompt alone fills ``max_length`` is an error, and so are (one line naming the row, the field and the fix)
+an empty response and, when ``context`` (the model's context length) is given and ``max_length`` exceeds
+it, a row longer than ``context``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from jaxinf.data.rows import DataError
 from jaxinf.data.templates import format_example
 
 LOSS_ON = ("response", "all", "all_with_padding")
@@ -65,8 +68,16 @@ def _prompt_token_count(offsets, boundary: int) -> int:
 
 
 def tokenize_rows(tokenizer, rows: Sequence[dict], *, max_length: int, template: str = "chat",
-                  loss_on: str = "response") -> TokenizedRows:
-    """Tokenize ``rows`` (``{"prompt", "response", "group"}``) with ``template``; see the module doc."""
+                  loss_on: str = "response", context: Optional[int] = None,
+                  locations: Optional[Sequence[str]] = None) -> TokenizedRows:
+    """Tokenize ``rows`` (``{"prompt", "response", "group"}``) with ``template``; see the module doc.
+
+    ``context``: the model's context length; a row longer than it (possible only when ``max_length >
+    context``) is a DataError. ``locations``: where each row came from (``file:line``), for messages.
+    """
+    def at(i):
+        return locations[i] if locations is not None else f"row {i}"
+
     if loss_on not in LOSS_ON:
         raise ValueError(f"unknown loss_on={loss_on!r}; choose one of {LOSS_ON}.")
     if not isinstance(max_length, int) or max_length < 2:
@@ -82,6 +93,9 @@ def tokenize_rows(tokenizer, rows: Sequence[dict], *, max_length: int, template:
 
     seqs, n_prompts, n_truncated = [], [], 0
     for i, row in enumerate(rows):
+        if not row["response"].strip():
+            raise DataError(f"{at(i)}: the response (--response_column) is empty, so row {i} has nothing to "
+                            "learn or attribute; fill it in or drop the row.")
         prompt_text, full_text = format_example(tokenizer, row["prompt"], row["response"], template)
         enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
@@ -92,12 +106,18 @@ def tokenize_rows(tokenizer, rows: Sequence[dict], *, max_length: int, template:
             n_prompt = len(head)
         if n_prompt == 0 or n_prompt == len(ids):
             part = "prompt" if n_prompt == 0 else "response"
-            raise ValueError(f"row {i}: the {part} has no tokens of its own under template={template!r}.")
+            field = "--prompt_column" if n_prompt == 0 else "--response_column"
+            raise DataError(f"{at(i)}: the {part} ({field}) has no tokens of its own after --template={template}; "
+                            "give it text or drop the row.")
+        if context is not None and max_length > context and len(ids) > context:
+            raise DataError(f"{at(i)}: the row is {len(ids)} tokens after --template={template}, longer than the "
+                            f"model's context of {context}; pass --max_length={context} (truncates the response end) "
+                            "or shorten the row's prompt/response.")
         if len(ids) > max_length:
             if n_prompt >= max_length:
-                raise ValueError(f"row {i}: its formatted prompt is {n_prompt} tokens, so max_length="
-                                 f"{max_length} would cut every response token. Raise max_length above "
-                                 f"{n_prompt} or shorten/drop this row.")
+                raise DataError(f"{at(i)}: its formatted prompt (--prompt_column) is {n_prompt} tokens, so "
+                                f"--max_length={max_length} would cut every response token; raise --max_length "
+                                f"above {n_prompt} or shorten/drop this row.")
             ids, n_truncated = ids[:max_length], n_truncated + 1
         seqs.append(ids)
         n_prompts.append(n_prompt)
