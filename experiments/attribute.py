@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
-from jaxinf import attribution, recipes, study, training
+from jaxinf import attribution, recipes, runtime, study, training
 from jaxinf.evaluation import evaluate
 from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
 
@@ -96,6 +96,7 @@ def _plot(rows, path, title):
 
 def main(argv):
     del argv
+    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
     logging.set_verbosity(logging.WARNING)
     preset = study.PRESETS[FLAGS.preset]
     if FLAGS.damping is not None:

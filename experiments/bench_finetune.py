@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxinf import recipes, training
+from jaxinf import recipes, runtime, training
 from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model, param_count
 
 FLAGS = flags.FLAGS
@@ -29,6 +29,7 @@ flags.DEFINE_string("out", "results/bench_finetune.json", "JSON output path")
 
 def main(argv):
     del argv
+    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
     model = load_model(FLAGS.model, dtype=dtype)
     lora = LoraConfig(rank=FLAGS.lora_rank)

@@ -5,6 +5,7 @@ r"""Greedy answers of a model (optionally with fine-tuned LoRA adapters from a w
 
 from absl import app, flags, logging
 
+from jaxinf import runtime
 from jaxinf.models import DEFAULT_MODEL, LMFunctions, load_model
 from jaxinf.models.generate import greedy_generate
 
@@ -17,6 +18,7 @@ flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most")
 
 def main(argv):
     del argv
+    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
     logging.set_verbosity(logging.WARNING)
     model = load_model(FLAGS.model)
     fns = LMFunctions(model)

@@ -7,7 +7,7 @@ Re-running with the same flags resumes from the last checkpoint and ends with th
 
 from absl import app, flags, logging
 
-from jaxinf import recipes, training
+from jaxinf import recipes, runtime, training
 from jaxinf.models import DEFAULT_MODEL, LoraConfig, load_model
 
 FLAGS = flags.FLAGS
@@ -37,6 +37,7 @@ flags.DEFINE_integer("stop_after", None, "stop after this many steps in total, a
 
 def main(argv):
     del argv
+    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if FLAGS.steps is None and FLAGS.epochs is None:
         FLAGS.epochs = 1.0

@@ -1,0 +1,57 @@
+"""Process-level settings the experiment binaries share; nothing here runs at import time.
+
+The persistent compilation cache: XLA programs compiled by one run are written to a directory and reused by the
+next run of the same program (same shapes, same jax/jaxlib, same backend), so a warm rerun skips the 9-15 s of
+compilation per phase that a cold run pays. `setup()` turns it on for a binary's process, under
+
+    $JAXINF_COMPILATION_CACHE                     if set to a path,
+    nothing (cache off)                           if set to 0 / off / false / none / "",
+    the directory jax was already given           if JAX_COMPILATION_CACHE_DIR or jax.config set one,
+    $XDG_CACHE_HOME/jaxinf/jax   (default ~/.cache/jaxinf/jax)  otherwise.
+
+Library code never calls this: importing jaxinf changes no global jax setting.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+
+ENV_VAR = "JAXINF_COMPILATION_CACHE"
+_OFF = ("0", "off", "false", "no", "none", "")
+
+
+def default_cache_dir() -> str:
+    """$XDG_CACHE_HOME/jaxinf/jax, with XDG_CACHE_HOME defaulting to ~/.cache."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "jaxinf", "jax")
+
+
+def compilation_cache_dir() -> Optional[str]:
+    """The directory `setup()` will use for the persistent compilation cache, or None when it is turned off."""
+    value = os.environ.get(ENV_VAR)
+    if value is not None:
+        return None if value.strip().lower() in _OFF else os.path.abspath(os.path.expanduser(value))
+    return jax.config.jax_compilation_cache_dir or default_cache_dir()
+
+
+def setup(*, min_compile_seconds: float = 0.0) -> Optional[str]:
+    """Turn on jax's persistent compilation cache for this process (see the module docstring); returns its dir.
+
+    Every program that took at least `min_compile_seconds` to compile is cached (jax's own default, 1 s, would
+    skip the many small programs whose compilation adds up). Call it first thing in a binary's main().
+    """
+    path = compilation_cache_dir()
+    if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the compilation cache directory {path} ({err}): set {ENV_VAR} to a "
+                      f"writable directory, or to 0 to turn the cache off") from err
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
