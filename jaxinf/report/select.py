@@ -1,0 +1,168 @@
+"""The answer of an attribution: each query's top-k and bottom-k training rows, with per-token contributions.
+
+Sign (as `jaxinf.attribution`): score(q, n) = <d_q, g_n>, larger = row n helps query q more (lowers its loss);
+the lowest scores are the most harmful rows. For every method whose score is such an inner product the token
+contributions of a training row b are
+
+    s[b, t] = <grad l_bt, d_q>,   l_bt = the row's per-token losses (`attribution.per_token_losses`),
+
+so sum_t s[b, t] = <grad L_b, d_q> = score(q, b) (Grosse et al. 2023). d_q is the method's preconditioned
+query gradient (`study.METHODS[name].directions`: P g_q for the iHVP and K-FAC methods, g_q for grad_dot);
+grad_cos divides by ||g_q|| ||g_b||; TracIn sums the contributions over its checkpoints (w_c, g_q(theta_c)).
+RepSim is not a gradient inner product: its rows carry no token contributions.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import chex
+import numpy as np
+
+from jaxinf import attribution, study
+from jaxinf.progress import stage
+
+PER_TOKEN_NOTE = {
+    "repsim": "RepSim is a cosine of hidden states, not a gradient inner product: no per-token split",
+}
+
+
+def top_bottom(scores: np.ndarray, k: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """([M, k] indices of the k largest scores per row, best first; [M, k] of the k lowest, lowest first)."""
+    scores = np.asarray(scores)
+    chex.assert_rank(scores, 2)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return (attribution.top_k_indices(scores, k, seed=seed), attribution.top_k_indices(-scores, k, seed=seed))
+
+
+def method_directions(name: str, inputs: study.StudyInputs) -> Optional[np.ndarray]:
+    """d_q [M, D] with score(q, n) = <d_q, g_n> for `inputs.test_grads`, or None if the method has no such d."""
+    fn = study.METHODS[name]
+    if hasattr(fn, "directions"):
+        return np.asarray(fn.directions(inputs))
+    if name == "grad_cos":
+        q = np.asarray(attribution.flatten_rows(inputs.test_grads), np.float64)
+        return q / np.linalg.norm(q, axis=1, keepdims=True)
+    return None
+
+
+def scores_and_directions(name: str, inputs: study.StudyInputs) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(scores [M, N] as the study computes them, directions or None); the preconditioner is fitted once."""
+    if name not in study.METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {list(study.METHODS)}")
+    directions = method_directions(name, inputs)
+    if directions is None or name == "grad_cos":
+        scores, _ = study.run_method(name, inputs)
+    else:
+        scores = np.asarray(directions @ np.asarray(attribution.flatten_rows(inputs.train_grads)).T, np.float64)
+    return scores, directions
+
+
+def _batch(tokenized, rows: Sequence[int]) -> dict:
+    sel = tokenized.select(np.asarray(rows, np.int64))
+    return {k: np.asarray(getattr(sel, k)) for k in ("input_ids", "attention_mask", "loss_mask")}
+
+
+def token_scores(name: str, inputs: study.StudyInputs, directions: Optional[np.ndarray], query: int,
+                 rows: Sequence[int]) -> Optional[np.ndarray]:
+    """s [R, T]: contribution of each token of training rows `rows` to score(query, row); None for RepSim.
+
+    Each row sums to the method's score (module doc). Runs in the adapters' dtype.
+    """
+    rows = [int(r) for r in rows]
+    batch = _batch(inputs.train, rows)
+    t = batch["input_ids"].shape[1]
+    if name == "tracin":
+        out = np.zeros((len(rows), t))
+        qdata = inputs.test.select(np.array([query]))
+        for trainable, w in study.tracin_checkpoints(inputs):
+            if w == 0.0:
+                continue
+            gq = attribution.per_example_gradients(inputs.fns, trainable, qdata, chunk_size=1)[0]
+            out += w * attribution.per_token_scores(inputs.fns, trainable, batch, gq)
+    elif directions is None:
+        return None
+    else:
+        out = np.asarray(attribution.per_token_scores(inputs.fns, inputs.adapters, batch, directions[query]),
+                         np.float64)
+        if name == "grad_cos":
+            g = np.asarray(attribution.flatten_rows(attribution.take_rows(inputs.train_grads, np.array(rows))),
+                           np.float64)
+            out = out / np.linalg.norm(g, axis=1, keepdims=True)
+    chex.assert_shape(out, (len(rows), t))
+    return out
+
+
+def _pieces(tokenizer, ids: np.ndarray) -> list[str]:
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def _row_entry(tokenizer, tokenized, n: int, text_rows: Sequence[dict], score: Optional[float],
+               contributions: Optional[np.ndarray]) -> dict:
+    keep = np.asarray(tokenized.attention_mask[n]) > 0
+    ids = np.asarray(tokenized.input_ids[n])[keep]
+    row = text_rows[n] if text_rows is not None else {}
+    entry = {
+        "index": int(n), "group": str(tokenized.groups[n]),
+        "prompt": str(row.get("prompt", "")), "response": str(row.get("response", "")),
+        "tokens": _pieces(tokenizer, ids),
+        "target": [bool(x) for x in (np.asarray(tokenized.loss_mask[n])[keep] > 0)],
+        "prompt_end": int(tokenized.prompt_end[n]),
+    }
+    if score is not None:
+        entry["score"] = float(score)
+    if contributions is not None:
+        c = np.asarray(contributions)[keep]
+        entry["token_scores"] = [float(x) for x in c]
+        entry["token_sum"] = float(np.sum(contributions))
+    return entry
+
+
+def explain(methods: Sequence[str], inputs: study.StudyInputs, *, tokenizer, train_rows: Sequence[dict],
+            test_rows: Sequence[dict], k: int = 5, queries: Optional[Sequence[int]] = None,
+            scores: Optional[dict] = None, per_token: bool = True, seed: int = 0,
+            progress: bool = True) -> list[dict]:
+    """Explanations of test rows `queries` (default: all of `inputs.test`), one dict per query:
+
+    {"query": {index, group, prompt, response, tokens, target}, "methods": {name: {"top": [row], "bottom":
+    [row], "per_token": bool, "note": str}}}, a row = {index, group, score, prompt, response, tokens, target,
+    token_scores, token_sum}. `scores` ({name: [M, N]}) reuses score matrices already computed (e.g. the
+    study's cache); otherwise each method runs here. `per_token=False` skips the token contributions.
+    """
+    m = attribution.num_rows(inputs.test_grads)
+    queries = list(range(m)) if queries is None else [int(q) for q in queries]
+    out = [{"query": _row_entry(tokenizer, inputs.test, q, test_rows, None, None), "methods": {}} for q in queries]
+    for name in methods:
+        with stage(f"explain {name}", total=len(queries), unit="query", enabled=progress) as bar:
+            if scores is not None and name in scores:
+                s = np.asarray(scores[name], np.float64)
+                directions = method_directions(name, inputs) if per_token else None
+            else:
+                s, directions = scores_and_directions(name, inputs)
+            chex.assert_shape(s, (m, attribution.num_rows(inputs.train_grads)))
+            top, bottom = top_bottom(s[queries], k, seed=seed)
+            for i, q in enumerate(queries):
+                rows = list(top[i]) + list(bottom[i])
+                contrib = token_scores(name, inputs, directions, q, rows) if per_token else None
+                entries = [_row_entry(tokenizer, inputs.train, n, train_rows, s[q, n],
+                                      None if contrib is None else contrib[j]) for j, n in enumerate(rows)]
+                out[i]["methods"][name] = {
+                    "top": entries[:len(top[i])], "bottom": entries[len(top[i]):],
+                    "per_token": contrib is not None,
+                    "note": PER_TOKEN_NOTE.get(name, "") if per_token else "per-token contributions not computed",
+                }
+                bar.update(1)
+    return out
+
+
+def top_rows_table(scores: np.ndarray, train_groups: Sequence[str], k: int, *, seed: int = 0) -> list[dict]:
+    """Per test row: its k highest and k lowest training rows as [{"index", "group", "score"}] (for results.json)."""
+    scores = np.asarray(scores, np.float64)
+    top, bottom = top_bottom(scores, k, seed=seed)
+
+    def rows(q, idx):
+        return [{"index": int(n), "group": str(train_groups[n]), "score": float(scores[q, n])} for n in idx]
+
+    return [{"top": rows(q, top[q]), "bottom": rows(q, bottom[q])} for q in range(scores.shape[0])]
+
