@@ -7,12 +7,11 @@ Re-running with the same flags resumes from the last checkpoint and ends with th
 
 from absl import app, flags, logging
 
-from jaxinf import recipes, runtime, training
+from jaxinf import cli, recipes, runtime, training
 from jaxinf.models import DEFAULT_MODEL, LoraConfig, load_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", DEFAULT_MODEL, "tiny-llama | tiny-mistral | tiny-gpt2 | smollm2-135m-instruct | local HF dir")
-flags.DEFINE_string("data", "backdoor", "study folder (e.g. ../shared/paper_datasets/backdoor), .jsonl/.csv, or generator")
 flags.DEFINE_string("workdir", "runs/finetune", "checkpoints/, convergence.jsonl and run_config.json go here")
 flags.DEFINE_integer("steps", None, "optimiser steps (or set --epochs)")
 flags.DEFINE_float("epochs", None, "epochs over the training rows (or set --steps)")
@@ -26,13 +25,9 @@ flags.DEFINE_float("lora_alpha", 32.0, "LoRA alpha (scale alpha / r)")
 flags.DEFINE_float("lora_dropout", 0.0, "dropout on the LoRA input (the study used 0.1)")
 flags.DEFINE_list("lora_targets", ["q_proj", "v_proj"], "target module names (GPT-2 defaults to c_attn)")
 flags.DEFINE_integer("checkpoint_every", 10, "save a checkpoint every N steps (all are kept)")
-flags.DEFINE_integer("max_length", 128, "truncate rows to this many tokens")
-flags.DEFINE_enum("template", "chat", ["chat", "inst", "plain"], "prompt template: model chat template or [INST]")
-flags.DEFINE_enum("loss_on", "response", ["response", "all", "all_with_padding"],
-                  "targets: response tokens (default), all real tokens, or also padding (the study's released code)")
-flags.DEFINE_integer("limit_train", None, "stratified subsample of the training rows")
 flags.DEFINE_integer("seed", 0, "seed for data order, adapter init and dropout")
 flags.DEFINE_integer("stop_after", None, "stop after this many steps in total, as an interruption would")
+cli.define_data_flags()  # --data, --test_data/--test_fraction, columns, --template (chat), --max_length (128), limits
 
 
 def main(argv):
@@ -41,21 +36,21 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if FLAGS.steps is None and FLAGS.epochs is None:
         FLAGS.epochs = 1.0
+    data = cli.task_config_from_flags(seed=FLAGS.seed, template="chat", max_length=128)
     model = load_model(FLAGS.model, seed=FLAGS.seed)
-    task = recipes.load_task(model, recipes.TaskConfig(
-        source=FLAGS.data, template=FLAGS.template, max_length=FLAGS.max_length, loss_on=FLAGS.loss_on,
-        limit_train=FLAGS.limit_train, limit_test=None, seed=FLAGS.seed))
+    task = cli.load_task(model, data)
     lora = LoraConfig(rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha, dropout=FLAGS.lora_dropout,
                       targets=tuple(FLAGS.lora_targets))
     config = training.TrainConfig(
         steps=FLAGS.steps, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, grad_accum=FLAGS.grad_accum,
         lr=FLAGS.lr, warmup_steps=FLAGS.warmup_steps, weight_decay=FLAGS.weight_decay,
         checkpoint_every=FLAGS.checkpoint_every, seed=FLAGS.seed)
-    _, log = recipes.finetune_lora(
-        model, lora, task, config, FLAGS.workdir,
-        run_config={"data": FLAGS.data, "template": FLAGS.template, "max_length": FLAGS.max_length,
-                    "loss_on": FLAGS.loss_on, "limit_train": FLAGS.limit_train},
-        stop_after=FLAGS.stop_after)
+    with cli.user_errors():  # a workdir made with other settings, a non-finite loss: one line, not a traceback
+        _, log = recipes.finetune_lora(
+            model, lora, task, config, FLAGS.workdir,
+            run_config={"data": FLAGS.data, "template": data.template, "max_length": data.max_length,
+                        "loss_on": data.loss_on, "limit_train": data.limit_train, **cli.data_settings(data)},
+            stop_after=FLAGS.stop_after)
     if log:
         last = log[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}, grad norm {last['grad_norm']:.4f}, "

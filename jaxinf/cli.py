@@ -117,13 +117,13 @@ def one_line(err: BaseException) -> str:
 @contextlib.contextmanager
 def user_errors():
     """Turn the library's ValueError / FileNotFoundError (bad user input: data, flags, a workdir made with
-    other settings) into ``absl.app.UsageError`` with a one-line message, so a binary prints that line instead
+    other settings) and FloatingPointError (training diverged: step and last good checkpoint named) into ``absl.app.UsageError`` with a one-line message, so a binary prints that line instead
     of a traceback. Nothing is deleted: a stage's outputs are only written whole (atomic renames)."""
     try:
         yield
     except app.UsageError:
         raise
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         raise app.UsageError(one_line(err)) from None
 
 

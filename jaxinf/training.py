@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
+from jaxinf import health
 from jaxinf.models.loss import LMFunctions
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
@@ -242,8 +243,9 @@ def train(
                            "lr": float(schedule(step - 1)),
                            **{k: float(v) for k, v in metrics.items()}}
                     if not all(math.isfinite(row[k]) for k in ("loss", "grad_norm")):
-                        raise FloatingPointError(f"non-finite loss or gradient at step {step}: {row}; lower --lr "
-                                                 "or check the data for empty targets")
+                        # row `step` is the loss of the parameters after step-1 updates: checkpoints <= step-2 are good
+                        good = max([k for k in mngr.all_steps() if k <= step - 2], default=None)
+                        raise FloatingPointError(health.nonfinite_message(row, good, workdir))
                     log.append(row)
                     log_file.write(json.dumps(row) + "\n")
                     log_file.flush()
@@ -259,4 +261,5 @@ def train(
         finally:
             bar.close()
             mngr.wait_until_finished()
+    health.report(workdir, log, float(_tree_norm(init_trainable)))  # warnings in the log, workdir/health.json
     return trainable, log
