@@ -5,6 +5,13 @@ r"""The study end to end: LoRA fine-tune, attribute every test row with every me
 
 Stages (each cached in --workdir, so an interrupted run resumes): fine-tuning checkpoints, per-example LoRA
 gradients, one score matrix per method. Outputs: results.json, results.csv, metrics.png, and a table on stdout.
+
+One curvature (--curvature) and one damping per result set: lambda is resolved once (--damping f, relative:
+global scope lambda = f tr(C)/D of the whole curvature inverted; block scope lambda_l = f x the mean squared
+gradient entry of each LoRA matrix) and every damped method uses that same absolute value (results.json records
+it per method). --damping=0.01,0.1,1 sweeps in one run, reusing fine-tuning, gradients and K-FAC factors: one
+value writes results.* in --workdir, several write --workdir/damping_<f>/results.* (scores of the damped methods
+are cached in --workdir/scores/<method>__<curvature>_<scope>_f<f>.npz, the others in scores/<method>.npz).
 """
 
 import csv
@@ -35,7 +42,15 @@ flags.DEFINE_enum("loss_on", "response", ["response", "all", "all_with_padding"]
 flags.DEFINE_enum("repsim_pooling", "prompt_end", list(attribution.POOLINGS),
                   "RepSim representation: hidden state at the final prompt token (the study) or response mean")
 flags.DEFINE_integer("lissa_depth", None, "LiSSA iterations (the study's code ran 3-10; default: the preset's)")
-flags.DEFINE_float("damping", None, "override the preset's relative damping (fraction of the mean eigenvalue)")
+flags.DEFINE_list("damping", None, "relative damping f (comma list = a sweep in one run, reusing fine-tuning, gradients "
+                  "and factors; one result set per value): lambda = f x tr(C)/dim of the curvature being "
+                  "inverted (global scope) or of each LoRA matrix (block scope). Default: the preset's")
+flags.DEFINE_enum("damping_scope", "global", list(study.DAMPING_SCOPES),
+                  "global: one absolute lambda for every method, from the whole operator; block: the study's rule, "
+                  "lambda per LoRA matrix = f x its mean squared gradient entry (a diagonal damping for every method)")
+flags.DEFINE_enum("curvature", "fisher", list(study.CURVATURES),
+                  "fisher: empirical Fisher of the cached gradients; ggn | hessian: the model's exact operators over "
+                  "the training rows for exact, cg, lissa, lanczos, arnoldi (the other methods report what they used)")
 flags.DEFINE_integer("bootstrap", 1000, "bootstrap resamples over test rows for the confidence intervals")
 
 
@@ -99,15 +114,14 @@ def main(argv):
     runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
     logging.set_verbosity(logging.WARNING)
     preset = study.PRESETS[FLAGS.preset]
-    if FLAGS.damping is not None:
-        preset = dataclasses.replace(preset, damping=FLAGS.damping)
+    dampings = _damping_values(FLAGS.damping, preset.damping)
     unknown = [m for m in FLAGS.methods if m not in study.METHODS]
     if unknown:
         raise app.UsageError(f"unknown --methods {unknown}; choose from {list(study.METHODS)}")
     os.makedirs(FLAGS.workdir, exist_ok=True)
     _check_settings(FLAGS.workdir, {k: FLAGS[k].value for k in (
         "model", "data", "preset", "seed", "limit_train", "limit_test", "epochs", "loss_on", "repsim_pooling",
-        "lissa_depth", "damping")})
+        "lissa_depth")})  # damping, scope and curvature key the score caches instead (a sweep reuses the rest)
 
     model = load_model(FLAGS.model, seed=FLAGS.seed)
     task = recipes.load_task(model, recipes.TaskConfig(
@@ -118,9 +132,9 @@ def main(argv):
     epochs = FLAGS.epochs or (preset.epochs_harmful if harmful and preset.epochs_harmful else preset.epochs)
     lora = LoraConfig(dropout=preset.lora_dropout)
     n_train = len(task.train_rows)
-    steps = max(1, int(np.ceil(epochs * n_train / preset.batch_size)))
+    steps, batch_size = study.finetune_schedule(preset, epochs, n_train)
     train_config = training.TrainConfig(
-        steps=steps, batch_size=min(preset.batch_size, n_train), lr=preset.lr,
+        steps=steps, batch_size=batch_size, lr=preset.lr,
         checkpoint_every=max(1, steps // preset.tracin_checkpoints), seed=FLAGS.seed)
     ft_dir = os.path.join(FLAGS.workdir, "finetune")
     adapters, log = recipes.finetune_lora(
@@ -134,74 +148,113 @@ def main(argv):
                             preset.grad_chunk)
     inputs = study.StudyInputs(fns=fns, adapters=adapters, train=task.train, test=task.test, workdir=ft_dir,
                                preset=preset, train_grads=grads_train, test_grads=grads_test, seed=FLAGS.seed,
-                               lissa_depth=FLAGS.lissa_depth, repsim_pooling=FLAGS.repsim_pooling)
+                               lissa_depth=FLAGS.lissa_depth, repsim_pooling=FLAGS.repsim_pooling,
+                               damping_scope=FLAGS.damping_scope, curvature=FLAGS.curvature)
+    final = log[-1] if log else {}
+    title = f"{model.name} on {os.path.basename(os.path.normpath(FLAGS.data))} ({FLAGS.preset}: {n_train} train, " \
+            f"{len(task.test_rows)} test)"
+    run_info = {
+        "model": model.name, "data": FLAGS.data, "preset": FLAGS.preset, "seed": FLAGS.seed,
+        "loss_on": FLAGS.loss_on, "repsim_pooling": FLAGS.repsim_pooling,
+        "n_train": n_train, "n_test": len(task.test_rows), "seq_len": int(task.train.input_ids.shape[1]),
+        "group_counts": {g: int(c) for g, c in zip(*np.unique(task.train.groups, return_counts=True))},
+        "train_groups": [str(g) for g in task.train.groups], "test_groups": [str(g) for g in task.test.groups],
+        "finetune": {"steps": steps, "epochs": epochs, "batch_size": batch_size, "final_loss": final.get("loss"),
+                     "final_grad_norm": final.get("grad_norm"), "dist_from_init": final.get("dist_from_init")},
+    }
+    print(f"\n{title}; fine-tune loss {final.get('loss', float('nan')):.3f} after {steps} steps")
+    for value in dampings:  # one result set per damping value; fine-tuning, gradients and factors are shared
+        result_dir = FLAGS.workdir if len(dampings) == 1 else os.path.join(FLAGS.workdir, f"damping_{value:g}")
+        _attribute_one_damping(dataclasses.replace(inputs, damping=value), task, result_dir, run_info, title)
 
-    score_dir = os.path.join(FLAGS.workdir, "scores")
+
+def _damping_values(flag_value, preset_value) -> list:
+    """--damping as floats (the preset's value when unset); a clear error for a bad entry."""
+    if not flag_value:
+        return [float(preset_value)]
+    try:
+        values = [float(v) for v in flag_value]
+    except ValueError:
+        raise app.UsageError(f"--damping={','.join(flag_value)}: every entry must be a number, e.g. --damping=0.01,0.1")
+    if any(not v >= 0 for v in values) or len(set(values)) != len(values):
+        raise app.UsageError(f"--damping={','.join(flag_value)}: values must be >= 0 and distinct")
+    return values
+
+
+def _scores_of(method, inputs, score_dir):
+    """(scores, seconds, info) of one method, computed once and cached in score_dir. Methods that use the
+    damping or the curvature are cached under a key naming them (study.score_cache_key)."""
     os.makedirs(score_dir, exist_ok=True)
+    path = os.path.join(score_dir, f"{study.score_cache_key(method, inputs)}.npz")
+    if not os.path.exists(path):
+        scores, seconds, info = study.run_method_with_info(method, inputs)
+        np.savez(path + ".tmp.npz", scores=scores, seconds=seconds, info=json.dumps(info))
+        os.replace(path + ".tmp.npz", path)
+    saved = np.load(path)
+    info = json.loads(str(saved["info"])) if "info" in saved else {}
+    return saved["scores"], float(saved["seconds"]), info
 
-    def scores_of(method):
-        """(scores, seconds), computed once and cached in score_dir."""
-        path = os.path.join(score_dir, f"{method}.npz")
-        if not os.path.exists(path):
-            scores, seconds = study.run_method(method, inputs)
-            np.savez(path + ".tmp.npz", scores=scores, seconds=seconds)
-            os.replace(path + ".tmp.npz", path)
-        saved = np.load(path)
-        return saved["scores"], float(saved["seconds"])
 
+def _method_record(method, scores, seconds, info, exact_scores, task):
+    """(results.json entry, CSV/table row) of one method: metrics vs ground truth, agreement with `exact`, and the
+    method's curvature, absolute damping and solver report (study.run_method_with_info)."""
+    metrics = evaluate(scores, task.test.groups, task.train.groups, n_boot=FLAGS.bootstrap, seed=FLAGS.seed)
+    agreement = study.agreement_with_exact(scores, exact_scores)
+    detail = dict(metrics, seconds=seconds, vs_exact=agreement, **info)
+    row = {"method": method, "seconds": seconds, "spearman_vs_exact": agreement["spearman"],
+           "direction_error_vs_exact": agreement["direction"], "curvature": info.get("curvature", ""),
+           "lambda": study.lambda_summary(info.get("lambda")), "converged": info.get("converged", True)}
+    for key in ("acc", "cover", "auc", "recall@10"):
+        row[key] = metrics[key]["value"]
+        row[f"{key}_lo"], row[f"{key}_hi"] = metrics[key]["ci"]
+    return detail, row
+
+
+def _attribute_one_damping(inputs, task, result_dir, run_info, title):
+    """Every method at one damping value: scores (cached), metrics, results.json / results.csv / metrics.png in
+    result_dir and a table on stdout."""
+    os.makedirs(result_dir, exist_ok=True)
+    score_dir = os.path.join(FLAGS.workdir, "scores")
     rows, details = [], {}
-    test_groups, train_groups = task.test.groups, task.train.groups
     exact_scores = None
-    for method in tqdm(FLAGS.methods, desc="methods", unit="method"):
+    for method in tqdm(FLAGS.methods, desc=f"methods (damping {inputs.damping:g})", unit="method"):
         try:
-            scores, seconds = scores_of(method)
+            scores, seconds, info = _scores_of(method, inputs, score_dir)
             if exact_scores is None:
-                exact_scores = scores_of("exact")[0]
+                exact_scores = _scores_of("exact", inputs, score_dir)[0]
         except Exception as err:  # report the failure in the table and go on with the other methods
             logging.error("method %s failed: %s", method, err)
             details[method] = {"error": f"{type(err).__name__}: {err}"}
             continue
-        metrics = evaluate(scores, test_groups, train_groups, n_boot=FLAGS.bootstrap, seed=FLAGS.seed)
-        agreement = study.agreement_with_exact(scores, exact_scores)
-        details[method] = dict(metrics, seconds=seconds, vs_exact=agreement)
-        row = {"method": method, "seconds": seconds, "spearman_vs_exact": agreement["spearman"],
-               "direction_error_vs_exact": agreement["direction"]}
-        for key in ("acc", "cover", "auc", "recall@10"):
-            row[key] = metrics[key]["value"]
-            row[f"{key}_lo"], row[f"{key}_hi"] = metrics[key]["ci"]
+        detail, row = _method_record(method, scores, seconds, info, exact_scores, task)
+        # Per-method extra outputs: add keys to `detail` (results.json) and/or `row` (results.csv) here.
+        details[method] = detail
         rows.append(row)
 
-    final = log[-1] if log else {}
-    results = {
-        "model": model.name, "data": FLAGS.data, "preset": FLAGS.preset, "seed": FLAGS.seed,
-        "loss_on": FLAGS.loss_on, "repsim_pooling": FLAGS.repsim_pooling,
-        "n_train": n_train, "n_test": len(task.test_rows), "seq_len": int(task.train.input_ids.shape[1]),
-        "group_counts": {g: int(c) for g, c in zip(*np.unique(train_groups, return_counts=True))},
-        "train_groups": [str(g) for g in train_groups], "test_groups": [str(g) for g in test_groups],
-        "finetune": {"steps": steps, "epochs": epochs, "final_loss": final.get("loss"),
-                     "final_grad_norm": final.get("grad_norm"), "dist_from_init": final.get("dist_from_init")},
-        "methods": details,
-    }
-    recipes.write_json(os.path.join(FLAGS.workdir, "results.json"), results)
-    with open(os.path.join(FLAGS.workdir, "results.csv"), "w", newline="") as f:
+    results = dict(run_info, damping=study.damping_report(inputs), methods=details)
+    recipes.write_json(os.path.join(result_dir, "results.json"), results)
+    with open(os.path.join(result_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
         writer.writeheader()
         writer.writerows(rows)
-    title = f"{model.name} on {os.path.basename(os.path.normpath(FLAGS.data))} ({FLAGS.preset}: {n_train} train, " \
-            f"{len(task.test_rows)} test)"
     if rows:
-        _plot(rows, os.path.join(FLAGS.workdir, "metrics.png"), title)
-    print(f"\n{title}; fine-tune loss {final.get('loss', float('nan')):.3f} after {steps} steps")
-    print(f"{'method':12s} {'Acc':>6s} {'Cover':>6s} {'AUC':>6s} {'R@10':>6s} {'rho_exact':>9s} {'s':>7s}")
+        _plot(rows, os.path.join(result_dir, "metrics.png"),
+              f"{title}, {inputs.curvature}, damping {inputs.damping:g} ({inputs.damping_scope})")
+    print(f"\ncurvature {inputs.curvature}, damping f={inputs.damping:g} ({inputs.damping_scope} scope): "
+          f"{results['damping']['description']}")
+    print(f"{'method':12s} {'Acc':>6s} {'Cover':>6s} {'AUC':>6s} {'R@10':>6s} {'rho_exact':>9s} {'lambda':>9s} "
+          f"{'curv':>7s} {'s':>7s}")
     for r in rows:
+        flag = "" if r["converged"] else "  NOT CONVERGED"
         print(f"{r['method']:12s} {r['acc']:6.3f} {r['cover']:6.3f} {r['auc']:6.3f} {r['recall@10']:6.3f} "
-              f"{r['spearman_vs_exact']:9.3f} {r['seconds']:7.1f}")
+              f"{r['spearman_vs_exact']:9.3f} {r['lambda']:>9s} {r['curvature']:>7s} {r['seconds']:7.1f}{flag}")
     for method, d in details.items():
         if "error" in d:
             print(f"{method:12s} failed: {d['error']}")
-    print("rho_exact: mean Spearman correlation of each test row's scores with exact influence (full damped "
-          "Fisher inverse, method 'exact'); for iHVP methods it measures their approximation error")
-    print(f"results: {FLAGS.workdir}/results.json, results.csv, metrics.png")
+    print(f"rho_exact: mean Spearman correlation of each test row's scores with exact influence (method 'exact': "
+          f"the damped {inputs.curvature} inverted exactly in float64); for iHVP methods it measures their "
+          "approximation error. lambda: the absolute damping each method used (a range when per block)")
+    print(f"results: {result_dir}/results.json, results.csv, metrics.png")
 
 
 if __name__ == "__main__":

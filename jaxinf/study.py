@@ -4,16 +4,27 @@ Every influence method ranks training row n for test row q by
 
     score(q, n) = <P g_q, g_n>,   g = gradient of the per-example loss w.r.t. the LoRA adapters,
 
-with P the method's preconditioner (see jaxinf.attribution for the sign). Curvature for the iHVP methods is
-the damped empirical Fisher of the training gradients, (1/N) G^T G + lambda I, built from gradients computed
-once (`jaxinf.curvature.cached`): on a 2-core CPU one pass of model gradients is what is affordable, and every
-solver (LiSSA, CG, Lanczos, Arnoldi, DataInf, the per-layer exact inverse) then runs on the same matrix, so
-their differences are differences of approximation only. `exact` is the full damped inverse by the Woodbury
-identity (an N x N solve); `exact_layer` is the study's per-layer exact inverse (block-diagonal). Each method's
-scores are compared with `exact`'s (`agreement_with_exact`): for the iHVP methods this is their approximation
-error, the study's first explanation of why influence fails. K-FAC / EK-FAC fit their Kronecker factors from
-layer inputs and output cotangents of the same training rows. Damping is relative: a fraction of the mean
-eigenvalue (trace / dim) of the matrix each method inverts (per layer for the layer-wise methods).
+with P the method's preconditioner (see jaxinf.attribution for the sign). One curvature C and one damping per run:
+
+* curvature="fisher" (default): C = F = (1/N) G^T G, the empirical Fisher of the training gradients computed once
+  (`jaxinf.curvature.cached`); every solver (LiSSA, CG, Lanczos, Arnoldi, DataInf, the per-layer exact inverse,
+  K-FAC/EK-FAC from the same rows) approximates (F + lambda I)^{-1}, so their differences are differences of
+  approximation only. "ggn" / "hessian": C is the model's Gauss-Newton / Hessian of the mean training loss over
+  the N training rows (`jaxinf.curvature.operators`), used by exact, cg, lissa, lanczos, arnoldi; the
+  block-diagonal methods (datainf, exact_layer, kfac, ekfac) can only use the gradient Fisher and say so in
+  their info ("curvature"). Negative Hessian curvature: NEGATIVE_POLICY.
+* damping: resolved ONCE from the relative fraction f and given as the same absolute value to every damped method.
+  Global scope: lambda = f tr(C)/D with C the whole curvature inverted over all D adapter parameters (tr F =
+  mean_n ||g_n||^2, exact; GGN/Hessian: exact from the dense spectrum when D <= DENSE_MAX_DIM, else Hutchinson).
+  Block scope (the study's rule, Fisher only): lambda_l = f tr(F_l)/d_l = f x the mean squared gradient entry of
+  LoRA matrix l, one diagonal Lambda shared by every method (full-space solvers run on Lambda^{-1/2}-rescaled
+  gradients with damping 1, which inverts exactly F + Lambda).
+
+`exact` is the full damped inverse in float64, cancellation-free for scores ((G G^T/N + lambda I)^{-1} G q for the
+Fisher; eigh of the dense GGN/Hessian); `exact_layer` is the block-diagonal exact inverse with one block per LoRA
+matrix. Each method's scores are compared with `exact`'s (`agreement_with_exact`): for the iHVP methods this is
+their approximation error, the study's first explanation of why influence fails. Solvers report on themselves
+(CG: iterations, final relative residual, converged; Krylov: Ritz residuals) through `run_method_with_info`.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
+import scipy.linalg
 import scipy.stats
 
 from jaxinf import attribution, ihvp
@@ -64,13 +76,38 @@ PRESETS = {
                     lora_dropout=0.1, template="inst", epochs_harmful=50, tracin_checkpoints=5),
 }
 
+def finetune_schedule(preset: Preset, epochs: float, n_train: int) -> tuple[int, int]:
+    """(steps, batch size) of the fine-tuning: batches of min(preset.batch_size, n_train) rows, as many as
+    `epochs` passes over the n_train rows need (steps counted with the batch size actually drawn)."""
+    batch_size = min(preset.batch_size, n_train)
+    return max(1, int(np.ceil(epochs * n_train / batch_size))), batch_size
+
+
 ALL_METHODS = ("grad_dot", "grad_cos", "tracin", "datainf", "exact_layer", "exact", "lissa", "cg", "arnoldi",
                "lanczos", "kfac", "ekfac", "repsim")
 
 
+DAMPING_SCOPES = ("global", "block")
+CURVATURES = ("fisher", "ggn", "hessian")
+# Methods whose preconditioner uses the damping, and those that can invert a model curvature (GGN / Hessian);
+# the block-diagonal ones (datainf, exact_layer, kfac, ekfac) always use the gradient Fisher (or its K-FAC).
+DAMPED_METHODS = ("datainf", "exact_layer", "exact", "lissa", "cg", "arnoldi", "lanczos", "kfac", "ekfac")
+CURVATURE_METHODS = ("exact", "lissa", "cg", "arnoldi", "lanczos")
+DENSE_MAX_DIM = 6000  # model curvatures up to this many adapter parameters are inverted exactly by eigh
+NEGATIVE_POLICY = ("keep: every method inverts C + lambda I as it is (no clipping or absolute values), so all "
+                   "share one matrix; when the Hessian has eigenvalues below -lambda that matrix is indefinite, "
+                   "CG and LiSSA then fail (reported as errors) and the spectrum's negative part is reported")
+
+
 @dataclasses.dataclass
 class StudyInputs:
-    """What the methods share: model functions, adapters, tokenised splits, gradients, and settings."""
+    """What the methods share: model functions, adapters, tokenised splits, gradients, and settings.
+
+    damping: the relative fraction f (None: the preset's). damping_scope "global": one absolute lambda =
+    f tr(C)/D for every method, C the curvature inverted (``curvature``) over all D adapter parameters;
+    "block": lambda_l = f tr(F_l)/d_l = f x the mean squared gradient entry of LoRA matrix l (the study's rule),
+    one diagonal damping matrix Lambda shared by every method (gradient Fisher only).
+    """
 
     fns: LMFunctions
     adapters: Any
@@ -83,8 +120,23 @@ class StudyInputs:
     seed: int = 0
     lissa_depth: Optional[int] = None
     repsim_pooling: str = "prompt_end"
+    damping: Optional[float] = None
+    damping_scope: str = "global"
+    curvature: str = "fisher"
     _fisher: Any = None
     _kfac: Any = None
+    _cache: dict = dataclasses.field(default_factory=dict)  # shared by dataclasses.replace (a damping sweep)
+
+    def __post_init__(self):
+        if self.damping_scope not in DAMPING_SCOPES:
+            raise ValueError(f"damping_scope must be one of {DAMPING_SCOPES}, got {self.damping_scope!r}")
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
+        if self.damping_scope == "block" and self.curvature != "fisher":
+            raise ValueError("damping_scope='block' is the study's per-matrix rule for the gradient Fisher: use "
+                             "damping_scope='global' with curvature='ggn' or 'hessian'")
+        if self.damping is None:
+            self.damping = float(self.preset.damping)
 
     @property
     def kfac_factors(self):
@@ -102,9 +154,109 @@ class StudyInputs:
             self._fisher = gradient_fisher_operator(self.train_grads)
         return self._fisher
 
+    # ---- curvature and damping ---------------------------------------------------------------------------------
+
+    @property
+    def leaf_names(self) -> tuple:
+        """One name per LoRA matrix (adapter leaf), in jax.tree order: the blocks of datainf / exact_layer."""
+        return ihvp.LayerPartition.of(self.adapters, by="leaf").names
+
+    @property
+    def model_operator(self):
+        """The GGN or Hessian of the mean training loss over all N training rows (B equal batches)."""
+        key = ("model_operator", self.curvature)
+        if key not in self._cache:
+            from jaxinf.curvature.operators import ggn_operator, hessian_operator
+            from jaxinf.data import batches
+
+            n = len(self.train.input_ids)
+            size = max(d for d in range(1, min(self.preset.grad_chunk, n) + 1) if n % d == 0)
+            bs = [{k: np.asarray(b[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
+                  for b in batches(self.train, size)]
+            if self.curvature == "ggn":
+                op = ggn_operator(self.fns.logits, self.fns.output_loss, self.adapters, bs)
+            else:
+                op = hessian_operator(self.fns.loss, self.adapters, bs)
+            self._cache[key] = op
+        return self._cache[key]
+
+    @property
+    def model_spectrum(self):
+        """(eigenvalues, eigenvectors) in float64 of the dense model curvature, or None above DENSE_MAX_DIM."""
+        key = ("model_spectrum", self.curvature)
+        if key not in self._cache:
+            op = self.model_operator
+            if op.dim > DENSE_MAX_DIM:
+                self._cache[key] = None
+            else:
+                from jaxinf.curvature.dense import dense_matrix
+
+                mat = np.asarray(dense_matrix(op), np.float64)
+                self._cache[key] = np.linalg.eigh(0.5 * (mat + mat.T))
+        return self._cache[key]
+
+    def curvature_trace(self) -> tuple[float, str]:
+        """(tr C, how it was computed) of the curvature being inverted."""
+        key = ("trace", self.curvature)
+        if key not in self._cache:
+            if self.curvature == "fisher":
+                g = _flat(self.train_grads).astype(np.float64)
+                self._cache[key] = (float(np.mean(np.sum(g * g, axis=1))), "exact: mean_n ||g_n||^2")
+            elif self.model_spectrum is not None:
+                self._cache[key] = (float(np.sum(self.model_spectrum[0])), "exact: sum of the dense eigenvalues")
+            else:
+                from jaxinf.curvature.spectrum import hutchinson_trace
+
+                tr = float(hutchinson_trace(self.model_operator, jax.random.key(self.seed), num_probes=64))
+                self._cache[key] = (tr, "Hutchinson, 64 Rademacher probes")
+        return self._cache[key]
+
+    @property
+    def global_lambda(self) -> float:
+        """lambda = f tr(C) / D of the whole curvature being inverted."""
+        tr, how = self.curvature_trace()
+        if not tr > 0:
+            raise ValueError(f"relative damping needs tr(C) > 0, but the {self.curvature} trace is {tr:.4g} ({how}); "
+                             "use --curvature=ggn or fisher, whose trace is positive")
+        return self.damping * tr / _num_params(self.adapters)
+
+    @property
+    def block_lambdas(self) -> dict:
+        """{LoRA matrix name: lambda_l = f x mean_n ||g_n,l||^2 / d_l} (the study's per-matrix rule)."""
+        part = ihvp.LayerPartition.of(self.adapters, by="leaf")
+        out = {}
+        for name, g in zip(part.names, part.split_batched(self.train_grads)):
+            g = np.asarray(g, np.float64)
+            out[name] = self.damping * float(np.mean(np.sum(g * g, axis=1))) / g.shape[1]
+        if not all(v > 0 for v in out.values()):
+            raise ValueError(f"block damping: LoRA matrices {[k for k, v in out.items() if not v > 0]} have zero "
+                             "gradients, so their relative damping is 0; use --damping_scope=global")
+        return out
+
+    def _leaf_scales(self):
+        """Per-leaf lambda_l^{-1/2} as a pytree of scalars (block scope)."""
+        lams = self.block_lambdas
+        leaves, treedef = jax.tree.flatten(self.adapters)
+        return jax.tree.unflatten(treedef, [1.0 / np.sqrt(lams[n]) for n in self.leaf_names])
+
+    def scaled(self, grads):
+        """Lambda^{-1/2} g for stacked gradients (block scope: F + Lambda = Lambda^{1/2}(F' + I)Lambda^{1/2})."""
+        return jax.tree.map(lambda g, s: g * np.asarray(s, g.dtype), grads, self._leaf_scales())
+
+    def scaled_fisher(self):
+        key = ("scaled_fisher", self.damping)
+        if key not in self._cache:
+            self._cache[key] = gradient_fisher_operator(self.scaled(self.train_grads))
+        return self._cache[key]
+
 
 def _flat(tree) -> np.ndarray:
     return np.asarray(attribution.flatten_rows(tree))
+
+
+def _num_params(tree) -> int:
+    """D, the number of adapter parameters."""
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
 def _with_directions(directions: Callable[[StudyInputs], np.ndarray]) -> Callable[[StudyInputs], np.ndarray]:
@@ -116,10 +268,62 @@ def _with_directions(directions: Callable[[StudyInputs], np.ndarray]) -> Callabl
     return run
 
 
-def _solver_method(make: Callable[[StudyInputs], ihvp.IHVPSolver]) -> Callable[[StudyInputs], np.ndarray]:
+def _record(inputs: StudyInputs, method: str, **info) -> None:
+    inputs._cache.setdefault("info", {})[method] = info
+
+
+def _solver_report(name: str, state, info) -> dict:
+    """What a solver says about its own accuracy: CG iterations / residual / convergence, Krylov Ritz residuals."""
+    info = jax.tree.map(np.asarray, info)
+    out = {}
+    if "iterations" in info:
+        out.update(iterations=int(info["iterations"].max()), relative_residual=float(info["relative_residual"].max()),
+                   tol=float(np.asarray(state.tol)), converged=bool(info["converged"].all()),
+                   queries_not_converged=int((~info["converged"]).sum()))
+    if hasattr(state, "ritz_values"):
+        out.update(ritz_value_max=float(np.max(state.ritz_values)), ritz_value_min=float(np.min(state.ritz_values)),
+                   ritz_residual_max=float(np.max(state.ritz_residuals)))
+    if "max_growth_ratio" in info:
+        out.update(max_growth_ratio=float(info["max_growth_ratio"].max()))
+    return out
+
+
+def _solver_method(make: Callable[[StudyInputs, Any], ihvp.IHVPSolver], name: str):
+    """A solver on the run's curvature with the run's damping: global scope, (C + lambda I)^{-1} q with the
+    absolute lambda; block scope, Lambda^{-1/2} (F' + I)^{-1} Lambda^{-1/2} q with F' the Fisher of the rescaled
+    gradients Lambda^{-1/2} g, which is exactly (F + Lambda)^{-1} q."""
+
     def directions(inputs: StudyInputs) -> np.ndarray:
-        solver = make(inputs)
+        key = jax.random.key(inputs.seed)
+        curvature = inputs.curvature if name in CURVATURE_METHODS else "fisher"
+        if inputs.damping_scope == "block":
+            solver = make(inputs, ihvp.absolute(1.0))
+            state = solver.fit(inputs.scaled_fisher(), key)
+            xs, info = solver.apply_batched_with_info(state, inputs.scaled(inputs.test_grads))
+            out, lam = _flat(inputs.scaled(xs)), inputs.block_lambdas
+        else:
+            lam = inputs.global_lambda
+            op = inputs.model_operator if curvature != "fisher" else inputs.fisher
+            solver = make(inputs, ihvp.absolute(lam))
+            state = solver.fit(op, key)
+            xs, info = solver.apply_batched_with_info(state, inputs.test_grads)
+            out = _flat(xs)
+        _record(inputs, name, curvature=curvature, **_solver_report(name, state, info))
+        return out
+
+    return _with_directions(directions)
+
+
+def _block_method(make: Callable[[Any], ihvp.IHVPSolver], name: str):
+    """datainf / exact_layer: one block per LoRA matrix of the gradient Fisher, every block damped by the run's
+    lambda (global scope) or its own lambda_l (block scope)."""
+
+    def directions(inputs: StudyInputs) -> np.ndarray:
+        lam = inputs.block_lambdas if inputs.damping_scope == "block" else inputs.global_lambda
+        damping = lam if isinstance(lam, dict) else ihvp.absolute(lam)
+        solver = make(damping)
         state = solver.fit(inputs.fisher, jax.random.key(inputs.seed))
+        _record(inputs, name, curvature="fisher")
         return _flat(solver.apply_batched(state, inputs.test_grads))
 
     return _with_directions(directions)
@@ -127,11 +331,92 @@ def _solver_method(make: Callable[[StudyInputs], ihvp.IHVPSolver]) -> Callable[[
 
 def _kfac_method(kind: str) -> Callable[[StudyInputs], np.ndarray]:
     def directions(inputs: StudyInputs) -> np.ndarray:
-        damping = ihvp.relative(inputs.preset.damping)
-        state = state_from_factors(inputs.kfac_factors, kind, damping, inputs.adapters)
-        return _flat({"kfac": kfac, "ekfac": ekfac}[kind](damping).apply_batched(state, inputs.test_grads))
+        factors = inputs.kfac_factors
+        if inputs.damping_scope == "block":
+            by_leaf = inputs.block_lambdas
+            names = dict(zip([tuple(_key_str(k) for k in path) for path, _ in
+                              jax.tree_util.tree_flatten_with_path(inputs.adapters)[0]], inputs.leaf_names))
+            damping = {l.name: by_leaf[names[tuple(l.kernel)]] for l in factors.layers}
+        else:
+            damping = ihvp.absolute(inputs.global_lambda)
+        state = state_from_factors(factors, kind, damping, inputs.adapters)
+        _record(inputs, kind, curvature="fisher", curvature_note=f"{kind} factors of the empirical Fisher")
+        return _flat({"kfac": kfac, "ekfac": ekfac}[kind](ihvp.absolute(1.0)).apply_batched(state, inputs.test_grads))
 
     return _with_directions(directions)
+
+
+def _key_str(k) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _exact_system(inputs: StudyInputs):
+    """(G, Q, lambda) in float64 with F + lambda I the matrix inverted: the gradients as they are (global scope) or
+    rescaled by Lambda^{-1/2} with lambda = 1 (block scope)."""
+    if inputs.damping_scope == "block":
+        return (_flat(inputs.scaled(inputs.train_grads)).astype(np.float64),
+                _flat(inputs.scaled(inputs.test_grads)).astype(np.float64), 1.0, inputs.block_lambdas)
+    lam = inputs.global_lambda
+    return _flat(inputs.train_grads).astype(np.float64), _flat(inputs.test_grads).astype(np.float64), lam, lam
+
+
+def exact_fisher_scores(train: np.ndarray, test: np.ndarray, lam: float) -> np.ndarray:
+    """score(q, n) = g_n^T (G^T G / N + lambda I)^{-1} g_q = [(G G^T / N + lambda I)^{-1} G Q^T]^T in float64.
+
+    The push-through identity (G^T G/N + lambda I)^{-1} G^T = G^T (G G^T/N + lambda I)^{-1} leaves an N x N SPD
+    solve with no subtraction, so small lambda loses no accuracy (unlike Woodbury's (v - G^T(...)^{-1} G v)/lambda).
+    """
+    g, q = np.asarray(train, np.float64), np.asarray(test, np.float64)
+    n = g.shape[0]
+    k = g @ g.T / n + lam * np.eye(n)
+    return scipy.linalg.solve(k, g @ q.T, assume_a="pos").T
+
+
+def _exact_directions(inputs: StudyInputs) -> np.ndarray:
+    """(C + lambda I)^{-1} g_q in float64 (Woodbury for the Fisher; eigh for a dense model curvature)."""
+    if inputs.curvature == "fisher":
+        g, q, lam, _ = _exact_system(inputs)
+        n = g.shape[0]
+        inner = scipy.linalg.solve(g @ g.T + n * lam * np.eye(n), g @ q.T, assume_a="pos")
+        d = (q - (g.T @ inner).T) / lam
+        if inputs.damping_scope == "block":
+            d = d * _flat(inputs.scaled(jax.tree.map(lambda x: np.ones_like(x)[None], inputs.adapters)))[0]
+        return d
+    theta, u = _model_spectrum_or_fail(inputs)
+    q = _flat(inputs.test_grads).astype(np.float64)
+    return ((q @ u) / (theta + inputs.global_lambda)) @ u.T
+
+
+def _model_spectrum_or_fail(inputs):
+    spectrum = inputs.model_spectrum
+    if spectrum is None:
+        raise ValueError(f"exact {inputs.curvature}: {inputs.model_operator.dim} adapter parameters exceed "
+                         f"DENSE_MAX_DIM={DENSE_MAX_DIM} for the dense eigendecomposition; use a smaller LoRA rank")
+    return spectrum
+
+
+def _exact(inputs: StudyInputs) -> np.ndarray:
+    """Exact influence of the run's curvature and damping, float64."""
+    if inputs.curvature == "fisher":
+        g, q, lam, reported = _exact_system(inputs)
+        _record(inputs, "exact", curvature="fisher", how="float64, (G G^T/N + lambda I)^{-1} G q")
+        return exact_fisher_scores(g, q, lam)
+    theta, u = _model_spectrum_or_fail(inputs)
+    lam = inputs.global_lambda
+    shifted = theta + lam
+    _record(inputs, "exact", curvature=inputs.curvature, how="float64 eigh of the dense model curvature",
+            eigenvalue_min=float(theta.min()), eigenvalue_max=float(theta.max()),
+            negative_eigenvalues=int((theta < 0).sum()), negative_mass=float(-theta[theta < 0].sum()),
+            damped_matrix_positive_definite=bool(shifted.min() > 0), negative_policy=NEGATIVE_POLICY)
+    g = _flat(inputs.train_grads).astype(np.float64)
+    q = _flat(inputs.test_grads).astype(np.float64)
+    return ((q @ u) / shifted) @ (g @ u).T
+
+
+_exact.directions = _exact_directions
 
 
 def tracin_checkpoints(inputs: StudyInputs) -> list:
@@ -158,21 +443,17 @@ def _repsim(inputs: StudyInputs) -> np.ndarray:
                                      pooling=inputs.repsim_pooling, chunk_size=inputs.preset.grad_chunk)
 
 
-def _damping(inputs: StudyInputs):
-    return ihvp.relative(inputs.preset.damping)
-
-
 METHODS: dict[str, Callable[[StudyInputs], np.ndarray]] = {
     "grad_dot": _identity,
     "grad_cos": lambda i: attribution.cosine_matrix(_flat(i.test_grads), _flat(i.train_grads)),
     "tracin": _tracin,
-    "datainf": _solver_method(lambda i: ihvp.datainf(damping=_damping(i))),
-    "exact_layer": _solver_method(lambda i: ihvp.woodbury(damping=_damping(i))),
-    "exact": _solver_method(lambda i: ihvp.woodbury(damping=_damping(i), by="all")),
-    "lissa": _solver_method(lambda i: ihvp.lissa(damping=_damping(i), depth=i.lissa_depth or i.preset.lissa_depth)),
-    "cg": _solver_method(lambda i: ihvp.cg(damping=_damping(i), maxiter=i.preset.cg_iters, tol=1e-6)),
-    "arnoldi": _solver_method(lambda i: ihvp.arnoldi(damping=_damping(i), num_iters=i.preset.krylov_iters)),
-    "lanczos": _solver_method(lambda i: ihvp.lanczos(damping=_damping(i), num_iters=i.preset.krylov_iters)),
+    "datainf": _block_method(lambda d: ihvp.datainf(damping=d, by="leaf"), "datainf"),
+    "exact_layer": _block_method(lambda d: ihvp.woodbury(damping=d, by="leaf"), "exact_layer"),
+    "exact": _exact,
+    "lissa": _solver_method(lambda i, d: ihvp.lissa(damping=d, depth=i.lissa_depth or i.preset.lissa_depth), "lissa"),
+    "cg": _solver_method(lambda i, d: ihvp.cg(damping=d, maxiter=i.preset.cg_iters, tol=1e-6), "cg"),
+    "arnoldi": _solver_method(lambda i, d: ihvp.arnoldi(damping=d, num_iters=i.preset.krylov_iters), "arnoldi"),
+    "lanczos": _solver_method(lambda i, d: ihvp.lanczos(damping=d, num_iters=i.preset.krylov_iters), "lanczos"),
     "kfac": _kfac_method("kfac"),
     "ekfac": _kfac_method("ekfac"),
     "repsim": _repsim,
@@ -203,3 +484,54 @@ def run_method(name: str, inputs: StudyInputs) -> tuple[np.ndarray, float]:
     if not np.all(np.isfinite(scores)):
         raise FloatingPointError(f"method {name!r} produced non-finite scores")
     return scores, time.perf_counter() - start
+
+
+def run_method_with_info(name: str, inputs: StudyInputs) -> tuple[np.ndarray, float, dict]:
+    """(scores [M, N], wall seconds, info) of one method. info: the curvature it used; for damped methods the
+    absolute lambda (a float, or {LoRA matrix: lambda_l} under block scope) and the damping rule; for solvers their
+    own report (CG iterations, final relative residual, converged)."""
+    scores, seconds = run_method(name, inputs)
+    info = dict(inputs._cache.get("info", {}).get(name, {}))
+    if name in DAMPED_METHODS:
+        info["lambda"] = inputs.block_lambdas if inputs.damping_scope == "block" else inputs.global_lambda
+        info["damping_fraction"], info["damping_scope"] = inputs.damping, inputs.damping_scope
+    info.setdefault("curvature", "none (no curvature)")
+    return scores, seconds, info
+
+
+def score_cache_key(name: str, inputs: StudyInputs) -> str:
+    """File stem of a method's cached scores: damped / curvature methods name their curvature, scope and damping."""
+    if name not in DAMPED_METHODS:
+        return name
+    curvature = inputs.curvature if name in CURVATURE_METHODS else "fisher"
+    return f"{name}__{curvature}_{inputs.damping_scope}_f{inputs.damping:g}"
+
+
+def lambda_summary(lam) -> str:
+    """A lambda for a table cell: the value, or min..max over blocks."""
+    if lam is None:
+        return ""
+    if isinstance(lam, dict):
+        vals = list(lam.values())
+        return f"{min(vals):.2g}..{max(vals):.2g}"
+    return f"{float(lam):.3g}"
+
+
+def damping_report(inputs: StudyInputs) -> dict:
+    """How the run's damping was resolved (results.json "damping")."""
+    out = {"fraction": inputs.damping, "scope": inputs.damping_scope, "curvature": inputs.curvature}
+    try:
+        if inputs.damping_scope == "block":
+            out["lambda"] = inputs.block_lambdas
+            out["description"] = (f"lambda_l = {inputs.damping:g} x mean squared gradient entry of each LoRA matrix "
+                                  f"({lambda_summary(out['lambda'])}), the same diagonal damping for every method")
+        else:
+            tr, how = inputs.curvature_trace()
+            out.update(trace=tr, trace_method=how, dim=int(_num_params(inputs.adapters)), **{"lambda": inputs.global_lambda})
+            out["description"] = (f"lambda = {inputs.damping:g} x tr({inputs.curvature})/D = {out['lambda']:.4g} "
+                                  f"for every damped method (tr {how})")
+    except ValueError as err:
+        out["description"] = f"unresolved: {err}"
+    if inputs.curvature == "hessian":
+        out["negative_policy"] = NEGATIVE_POLICY
+    return out

@@ -111,6 +111,29 @@ def test_direct_negative_eigenvalue_policies(s):
         assert rel(flat(x), exact(mat, lam, s.v)) > 1e-2  # and really differs from "keep"
 
 
+def test_direct_refuses_an_undamped_singular_matrix(s):
+    # the empirical Fisher has rank N = 48 < n: undamped it is singular
+    theta = np.linalg.eigvalsh(s.dense["fisher"])
+    assert abs(theta[0]) < 1e-12
+    with pytest.raises(ValueError, match=r"singular.*smallest eigenvalue of C.*damping > 0"):
+        ihvp.direct(0.0).fit(s.ops["fisher"])
+    with pytest.raises(ValueError, match="singular"):
+        ihvp.fit_matrix(jnp.asarray(s.dense["fisher"]), ihvp.direct(0.0).fit(s.ops["ggn"]).spec, 0.0)
+    # damped, or a nonsingular indefinite matrix, is fine
+    ihvp.direct(1e-3).fit(s.ops["fisher"])
+    ihvp.direct(0.05).fit(s.ops["hessian"])
+
+
+def test_relative_damping_refuses_a_nonpositive_hutchinson_trace():
+    params = {"w": jnp.ones((6,), jnp.float64)}
+    batches = [{"x": jnp.ones((2,), jnp.float64)}, {"x": 2 * jnp.ones((2,), jnp.float64)}]
+    op = cv.hessian_operator(lambda p, b: -jnp.sum(p["w"] ** 2) * jnp.mean(b["x"]), params, batches)  # H = -3 I
+    with pytest.raises(ValueError, match=r"tr\(C\) > 0.*-18"):
+        ihvp.operator_damping(ihvp.relative(0.1), op, KEY)
+    with pytest.raises(ValueError, match="Hutchinson"):
+        ihvp.cg(ihvp.relative(0.1)).fit(op, KEY)
+
+
 def test_relative_damping_is_fraction_of_mean_eigenvalue(s):
     mat = s.dense["ggn"]
     lam = 0.1 * np.trace(mat) / len(mat)
@@ -211,12 +234,20 @@ def test_ritz_values_and_low_rank_inverse(s, method):
         assert abs(r - nearest) <= 1e-6 * abs(nearest)
     # the top-k Ritz values are the top-k eigenvalues ...
     np.testing.assert_allclose(np.sort(np.asarray(state.eigvals)), theta[-k:], rtol=1e-6)
-    # ... and the inverse is U diag(1/(theta+lam)) U^T v + (v - U U^T v)/lam with the exact U
+    # ... and, truncated (k = 10 below the rank 48), the default inverse is the projection onto the top-k
+    # eigenspace, U diag(1/(theta+lam)) U^T v (Schioppa et al. 2022), with the exact U
     uk, vf = u[:, -k:], flat(s.v)
-    want = uk @ ((uk.T @ vf) / (theta[-k:] + lam)) + (vf - uk @ (uk.T @ vf)) / lam
-    assert rel(flat(solver.apply(state, s.v)), want) < 1e-6
-    # which is not the exact inverse (rank 10 of 48 nonzero directions)
-    assert rel(want, exact(mat, lam, s.v)) > 1e-2
+    top = uk @ ((uk.T @ vf) / (theta[-k:] + lam))
+    assert rel(flat(solver.apply(state, s.v)), top) < 1e-6
+    # complement="damping" adds (v - U U^T v)/lam on the rest
+    damped = getattr(ihvp, method)(lam, num_iters=m, rank=k, complement="damping")
+    want = top + (vf - uk @ (uk.T @ vf)) / lam
+    assert rel(flat(damped.apply(damped.fit(s.ops["fisher"], KEY), s.v)), want) < 1e-6
+    assert rel(top, want) > 0.5  # the two rules really differ here
+    # neither is the exact inverse (rank 10 of 48 nonzero directions)
+    assert rel(want, exact(mat, lam, s.v)) > 1e-2 and rel(top, exact(mat, lam, s.v)) > 1e-2
+    with pytest.raises(ValueError, match="complement"):
+        getattr(ihvp, method)(lam, num_iters=m, complement="none")
 
 
 # ----------------------------------------------------------------------------- LiSSA
@@ -239,6 +270,31 @@ def test_lissa_error_falls_with_depth_and_reaches_1e_3(s):
     cyc = ihvp.lissa(lam, depth=40, repeats=2)  # same config as the batched test
     cyc_err = rel(flat(cyc.apply(cyc.fit(s.ops["fisher"], KEY), s.v)), want)
     assert errs[-1] < cyc_err < 0.5
+
+
+def test_lissa_cycles_batches_as_documented(s):
+    """Cycled LiSSA equals the hand-built recursion v_{j+1} = v + (1 - lam/s) v_j - C_{b_j} v_j / s with
+    b_j = (j + r) mod B, averaged over repeats r, to rounding: a wrong batch index (e.g. always 0) fails."""
+    op, lam, depth, repeats = s.ops["fisher"], 0.1, 7, 2
+    solver = ihvp.lissa(lam, depth=depth, repeats=repeats)
+    state = solver.fit(op, KEY)
+    sc, nb, vf = float(state.scale), op.num_batches, flat(s.v)
+    unravel = ravel_pytree(s.prob.params)[1]
+    total = np.zeros_like(vf)
+    for r in range(repeats):
+        x = vf.copy()
+        for j in range(depth):
+            cx = flat(op.batch_matvec(unravel(jnp.asarray(x)), (j + r) % nb))
+            x = vf + (1 - lam / sc) * x - cx / sc
+        total += x
+    want = total / (repeats * sc)
+    got = flat(solver.apply(state, s.v))
+    wrong = np.zeros_like(vf)  # the same recursion with batch 0 at every step
+    x = vf.copy()
+    for j in range(depth):
+        x = vf + (1 - lam / sc) * x - flat(op.batch_matvec(unravel(jnp.asarray(x)), 0)) / sc
+    assert rel(got, want) < 1e-10
+    assert rel(x / sc, want) > 1e-3  # batch 0 alone is far from it: the check can tell them apart
 
 
 def test_lissa_divergence_raises_naming_damping_and_scale(s):

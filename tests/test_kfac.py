@@ -169,6 +169,29 @@ def test_factors_and_solvers_against_explicit_kronecker_algebra(gpt2_full):
         assert _rel(np.asarray(layer.matrix(xe)).ravel(), ref_e) < 1e-8, layer.name
 
 
+def test_padding_that_carries_loss_enters_the_factors(gpt2_full):
+    """loss_on="all_with_padding": padding targets carry loss, so the padding positions before them have nonzero
+    output gradients g_t; S must hold every nonzero g_t g_t^T (the sum over ALL positions), A the inputs of those
+    positions, N_tok their count."""
+    fns, trainable = gpt2_full
+    batch = _batch(4, 8, 0)
+    batch = dict(batch, loss_mask=jnp.ones_like(batch["loss_mask"]).at[:, 0].set(0.0))  # loss on padding too
+    assert int(batch["attention_mask"].sum()) < 4 * 7  # there is padding with loss
+    f = kfac.fit_factors(fns, trainable, [batch])
+    c = jax.jit(lambda b: cap.capture(fns, trainable, b))(batch)
+    counted = np.zeros((4, 8), bool)
+    counted[:, :7] = True  # every position t < 7 predicts a target t + 1 with loss; the last one predicts none
+    counted |= np.asarray(batch["attention_mask"], bool)
+    assert f.num_tokens == int(counted.sum())
+    for j, layer in list(enumerate(f.layers))[1:4:2]:
+        a, g = np.asarray(c[layer.name][0]), np.asarray(c[layer.name][1])
+        assert np.abs(g[~np.asarray(batch["attention_mask"], bool)]).max() > 0  # padding gradients are real
+        g_all = g.reshape(-1, g.shape[-1])
+        assert _rel(f.s_cov[j], g_all.T @ g_all / 4) < 1e-12, layer.name  # every nonzero g_t counted
+        a_c = a[counted]
+        assert _rel(f.a_cov[j], a_c.T @ a_c / len(a_c)) < 1e-12, layer.name
+
+
 def test_contracted_scores_equal_explicit_gradient_dot_products(gpt2_full):
     """score[q, n] = sum_l einsum('qio,nti,nto->qn') == <P_q, grad_n> with explicit per-example gradients."""
     fns, trainable = gpt2_full

@@ -5,8 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+import scipy.linalg
+
+from jaxinf import ihvp, study
+from jaxinf.curvature.cached import gradient_fisher_operator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_METHODS = "grad_dot,grad_cos,tracin,datainf,exact_layer,exact,lissa,cg,arnoldi,lanczos,kfac,ekfac,repsim"
@@ -45,8 +50,15 @@ def test_every_method_runs_and_writes_results(first_run):
     assert agree["exact"] == pytest.approx(1.0)
     assert min(agree["cg"], agree["lanczos"], agree["arnoldi"]) > 0.999, agree
     assert agree["grad_dot"] < 0.9 and agree["repsim"] < 0.9, agree
-    s_exact = np.load(os.path.join(workdir, "scores", "exact.npz"))["scores"]
+    s_exact = np.load(os.path.join(workdir, "scores", "exact__fisher_global_f0.1.npz"))["scores"]
     assert s_exact.shape == (8, 24)
+    # one damping for every method: the same absolute lambda = 0.1 tr(F)/D, recorded per method
+    lam = results["damping"]["lambda"]
+    assert lam == pytest.approx(0.1 * results["damping"]["trace"] / results["damping"]["dim"])
+    for m in study.DAMPED_METHODS:
+        assert results["methods"][m]["lambda"] == lam, m
+    assert results["methods"]["cg"]["converged"] in (True, False)
+    assert results["methods"]["cg"]["iterations"] >= 1 and "relative_residual" in results["methods"]["cg"]
 
 
 def test_metrics_of_the_binary_on_hand_made_scores(first_run, tmp_path):
@@ -65,12 +77,147 @@ def test_metrics_of_the_binary_on_hand_made_scores(first_run, tmp_path):
     half = same.copy()
     half[0] = 1.0 - half[0]
     for name, matrix in (("grad_dot", same), ("grad_cos", 1.0 - same), ("datainf", half)):
-        np.savez(tmp_path / "scores" / f"{name}.npz", scores=matrix, seconds=0.0)
+        stem = f"{name}__fisher_global_f0.1" if name in study.DAMPED_METHODS else name
+        np.savez(tmp_path / "scores" / f"{stem}.npz", scores=matrix, seconds=0.0)
     hand, _ = _run(str(tmp_path), "--methods=grad_dot,grad_cos,datainf")
     got = {m: tuple(hand["methods"][m][k]["value"] for k in ("acc", "cover", "auc")) for m in hand["methods"]}
     assert got["grad_dot"] == (1.0, 1.0, 1.0)
     assert got["grad_cos"] == (0.0, 0.0, 0.0)
     np.testing.assert_allclose(got["datainf"], (7 / 8, 7 / 8, 7 / 8))
+
+
+def test_damping_sweep_and_model_curvatures_in_one_workdir(first_run):
+    """--damping=a,b writes one result set per value (reusing fine-tuning and gradients); --curvature=ggn|hessian
+    runs the curvature methods on the model's operator with an exact float64 reference."""
+    workdir = first_run[0]
+    methods = "grad_dot,exact,cg,lanczos,arnoldi,lissa,exact_layer"
+    _, stdout = _run(workdir, f"--methods={methods}", "--damping=0.01,1", "--curvature=ggn")
+    lams = {}
+    for f in ("0.01", "1"):
+        with open(os.path.join(workdir, f"damping_{f}", "results.json")) as fh:
+            res = json.load(fh)
+        assert res["damping"]["fraction"] == float(f) and res["damping"]["curvature"] == "ggn"
+        lams[f] = res["damping"]["lambda"]
+        assert [m for m in methods.split(",") if "error" in res["methods"][m]] == []
+        for m in ("exact", "cg", "lanczos", "arnoldi", "lissa", "exact_layer"):
+            assert res["methods"][m]["lambda"] == lams[f], m
+        for m in ("exact", "cg", "lanczos", "arnoldi", "lissa"):
+            assert res["methods"][m]["curvature"] == "ggn", m
+        assert res["methods"]["exact_layer"]["curvature"] == "fisher"  # says it could not share the GGN
+        assert res["methods"]["exact"]["damped_matrix_positive_definite"]
+        if res["methods"]["cg"]["converged"]:
+            assert res["methods"]["cg"]["vs_exact"]["spearman"] > 0.99
+    assert lams["1"] == pytest.approx(100 * lams["0.01"])
+    _, stdout = _run(workdir, "--methods=exact,cg,lanczos,arnoldi,lissa", "--curvature=hessian")
+    with open(os.path.join(workdir, "results.json")) as fh:
+        res = json.load(fh)
+    exact = res["methods"]["exact"]
+    assert exact["curvature"] == "hessian" and "negative_policy" in exact and "negative_eigenvalues" in exact
+    for m in ("cg", "lanczos", "arnoldi", "lissa"):  # each ran, or failed with its reason in the results
+        assert res["methods"][m].get("curvature") == "hessian" or "error" in res["methods"][m], m
+
+
+# ---------------------------------------------------------------- the study's maths on synthetic gradients
+
+
+def _synthetic(n=12, m=3, dims=(20, 14), seed=0, dtype=np.float64, scales=(1.0, 30.0), **kw):
+    """StudyInputs holding only gradients: two 'LoRA matrices' of different gradient scale."""
+    rng = np.random.default_rng(seed)
+    adapters = {"layer": {"A": np.zeros((dims[0],), dtype), "B": np.zeros((dims[1],), dtype)}}
+    grads = lambda k: {"layer": {"A": (scales[0] * rng.standard_normal((k, dims[0]))).astype(dtype),
+                                 "B": (scales[1] * rng.standard_normal((k, dims[1]))).astype(dtype)}}
+    kw.setdefault("preset", study.PRESETS["quick"])
+    return study.StudyInputs(fns=None, adapters=adapters, train=None, test=None, workdir="",
+                             train_grads=grads(n), test_grads=grads(m), **kw)
+
+
+def _flat(tree):
+    return np.concatenate([tree["layer"]["A"], tree["layer"]["B"]], axis=-1)
+
+
+def test_exact_is_float64_and_cancellation_free():
+    """N = 48, D = 20,000, float32 gradients, lambda = 1e-4 tr(F)/D: the float32 Woodbury form loses the scores
+    (cancellation), the study's exact form matches an independent float64 SVD formula to 1e-9."""
+    with jax.enable_x64(True):
+        inputs = _synthetic(n=48, m=4, dims=(12_000, 8_000), dtype=np.float32, scales=(1.0, 1.0), damping=1e-4)
+        g, q = _flat(inputs.train_grads).astype(np.float64), _flat(inputs.test_grads).astype(np.float64)
+        lam = inputs.global_lambda
+        assert lam == pytest.approx(1e-4 * np.mean(np.sum(g * g, 1)) / g.shape[1], rel=1e-12)
+        u, sv, vt = np.linalg.svd(g, full_matrices=False)  # g_n^T (G^T G/N + lam)^{-1} q = [U S D^{-1} V^T q]_n
+        ref = (q @ vt.T / (sv ** 2 / 48 + lam) * sv) @ u.T
+        scores, _, info = study.run_method_with_info("exact", inputs)
+        assert info["lambda"] == lam
+        err = lambda s: float(np.abs(s - ref).max() / np.abs(ref).max())
+        assert err(scores) < 1e-9
+    # the float32 Woodbury form (v - G^T (G G^T + N lam I)^{-1} G v) / lam on the same gradients
+    solver = ihvp.woodbury(damping=float(lam), by="all")
+    state = solver.fit(gradient_fisher_operator(inputs.train_grads))
+    woodbury32 = _flat(jax.tree.map(np.asarray, solver.apply_batched(state, inputs.test_grads))) @ g.T
+    assert err(woodbury32) > 1e-2
+
+
+def test_one_damping_shared_by_every_method_and_cg_reports_convergence():
+    with jax.enable_x64(True):
+        inputs = _synthetic(damping=0.3)
+        g = _flat(inputs.train_grads)
+        lam = 0.3 * np.mean(np.sum(g * g, 1)) / g.shape[1]
+        dense = g.T @ g / g.shape[0]
+        ref = _flat(inputs.test_grads) @ np.linalg.solve(dense + lam * np.eye(len(dense)), g.T)
+        for m in ("exact", "cg", "lanczos", "exact_layer", "datainf"):
+            scores, _, info = study.run_method_with_info(m, inputs)
+            assert info["lambda"] == pytest.approx(lam, rel=1e-12), m
+            if m in ("exact", "cg", "lanczos"):  # full-space solvers of the same matrix (Lanczos: 32 >= rank 12)
+                assert np.abs(scores - ref).max() < 1e-6 * np.abs(ref).max(), m
+        # exact_layer = the block-diagonal inverse, one block per LoRA matrix, with the SAME lambda
+        bd = scipy.linalg.block_diag(dense[:20, :20], dense[20:, 20:])
+        want = _flat(inputs.test_grads) @ np.linalg.solve(bd + lam * np.eye(34), g.T)
+        got, _, _ = study.run_method_with_info("exact_layer", inputs)
+        assert np.abs(got - want).max() < 1e-8 * np.abs(want).max()
+        assert info["curvature"] == "fisher"
+        # CG that stops at its iteration cap says so
+        capped = _synthetic(damping=1e-6, preset=study.dataclasses.replace(study.PRESETS["quick"], cg_iters=2))
+        _, _, cg_info = study.run_method_with_info("cg", capped)
+        assert cg_info["converged"] is False and cg_info["iterations"] == 2 and cg_info["relative_residual"] > 1e-6
+
+
+def test_block_scope_is_one_diagonal_damping_for_every_method():
+    """block: lambda_l = f x mean squared gradient entry of each LoRA matrix; every method inverts F + Lambda."""
+    with jax.enable_x64(True):
+        inputs = _synthetic(damping=0.1, damping_scope="block")
+        g = _flat(inputs.train_grads)
+        lam_a = 0.1 * np.mean(g[:, :20] ** 2) * 1.0  # mean over rows and entries
+        lam_b = 0.1 * np.mean(g[:, 20:] ** 2)
+        lams = inputs.block_lambdas
+        assert lams["layer/A"] == pytest.approx(lam_a, rel=1e-12) and lams["layer/B"] == pytest.approx(lam_b, rel=1e-12)
+        assert lam_b > 100 * lam_a  # the scales differ, so a global lambda would not reproduce this
+        diag = np.concatenate([np.full(20, lam_a), np.full(14, lam_b)])
+        dense = g.T @ g / g.shape[0]
+        ref = _flat(inputs.test_grads) @ np.linalg.solve(dense + np.diag(diag), g.T)
+        for m in ("exact", "cg", "lanczos", "lissa"):
+            scores, _, info = study.run_method_with_info(m, inputs)
+            assert info["lambda"] == lams, m
+            tol = 2e-2 if m == "lissa" else 1e-6
+            assert np.abs(scores - ref).max() < tol * np.abs(ref).max(), m
+        bd = scipy.linalg.block_diag(dense[:20, :20], dense[20:, 20:])
+        want = _flat(inputs.test_grads) @ np.linalg.solve(bd + np.diag(diag), g.T)
+        got, _, _ = study.run_method_with_info("exact_layer", inputs)
+        assert np.abs(got - want).max() < 1e-8 * np.abs(want).max()
+        # DataInf: one block per LoRA matrix (the reference code), its own lambda_l
+        q = _flat(inputs.test_grads)
+        naive = np.zeros_like(ref)
+        for sl, lam in ((slice(0, 20), lam_a), (slice(20, 34), lam_b)):
+            gl, ql = g[:, sl], q[:, sl]
+            coef = (ql @ gl.T) / (lam + np.sum(gl * gl, 1))  # [M, N]
+            x = (ql - coef @ gl / g.shape[0]) / lam
+            naive += x @ gl.T
+        got, _, _ = study.run_method_with_info("datainf", inputs)
+        assert np.abs(got - naive).max() < 1e-8 * np.abs(naive).max()
+
+
+def test_finetune_steps_count_the_batches_drawn():
+    preset = study.PRESETS["quick"]  # batch size 8
+    assert study.finetune_schedule(preset, 2, 4) == (2, 4)  # 4 rows: batches of 4, 2 epochs = 2 steps
+    assert study.finetune_schedule(preset, 3, 48) == (18, 8)
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ K-FAC (tokens independent, a independent of g):
 
     F_l ~ A (x) S,   A = (1/N_tok) sum_{n,t real} a_nt a_nt^T,   S = (1/N) sum_n sum_{t real} g_nt g_nt^T,
 
-N_tok the number of real tokens (attention_mask == 1; padding is excluded, real tokens whose g is zero count), N
+N_tok the number of counted tokens (``token_mask``: real tokens, attention_mask == 1, plus padding positions whose
+next token carries loss, as under loss_on="all_with_padding"; real tokens whose g is zero count), N
 the number of examples (times ``num_samples``). With this normalisation
 A (x) S = (1/N) sum_n sum_t (a_nt a_nt^T) (x) (g_nt g_nt^T) exactly when a is the same at every token, so
 A (x) S = F_l exactly when also each example has a single real token: one example with one token, or any N with a
@@ -130,6 +131,19 @@ def _labels_loss(fisher: str, key, batch_index, sample: int):
     return sampled_pseudo_loss(jax.random.fold_in(jax.random.fold_in(key, batch_index), sample))
 
 
+def token_mask(batch) -> jax.Array:
+    """[B, T] bool: positions whose activations and output gradients enter A and S: real tokens, and any position
+    t whose next token t + 1 carries loss (padding under loss_on="all_with_padding" has a nonzero gradient)."""
+    real = jnp.asarray(batch["attention_mask"]) > 0
+    loss = jnp.asarray(batch["loss_mask"]) > 0
+    feeds_loss = jnp.concatenate([loss[:, 1:], jnp.zeros_like(loss[:, :1])], axis=1)
+    return real | feeds_loss
+
+
+def _pads_carry_loss(batches) -> bool:
+    return any(bool(np.any(np.asarray(token_mask(b)) & (np.asarray(b["attention_mask"]) == 0))) for b in batches)
+
+
 def _acc_dtype(trainable) -> Any:
     return jnp.promote_types(jax.tree.leaves(trainable)[0].dtype, jnp.float32)
 
@@ -150,7 +164,7 @@ def _over_samples(num_samples, first, rest, init):
 def _covariance_step(fns, layers, fisher, num_samples, trainable, base, batch, key, index, sums):
     """sums + (sum over real tokens of a a^T, of g g^T) per layer; S summed over the label draws."""
     acc = _acc_dtype(trainable)
-    mask = batch["attention_mask"].astype(acc)[..., None]
+    mask = token_mask(batch).astype(acc)[..., None]
 
     def add_s(sums, s):
         cap, _ = capture_with_losses(fns, trainable, batch, layers, _labels_loss(fisher, key, index, s), base)
@@ -208,6 +222,8 @@ def _fingerprint(layers, fisher, num_samples, key, batches, trainable) -> str:
     h = hashlib.sha1()
     meta = {"format": _FORMAT, "fisher": fisher, "num_samples": num_samples, "num_batches": len(batches),
             "layers": [dataclasses.astuple(l) for l in layers]}
+    if _pads_carry_loss(batches):  # factors cached before padding with loss was counted must not be reused
+        meta["token_mask"] = "attention_or_next_loss"
     h.update(json.dumps(meta, default=str).encode())
     if key is not None and fisher == TRUE:
         h.update(np.asarray(jax.random.key_data(key)).tobytes())
@@ -362,7 +378,7 @@ def fit_factors(
     batches = [_as_batch(b) for b in batches]
     base = base_params(fns)
     acc = _acc_dtype(trainable)
-    num_tokens = int(sum(int(np.asarray(b["attention_mask"]).sum()) for b in batches))
+    num_tokens = int(sum(int(np.asarray(token_mask(b)).sum()) for b in batches))
     num_examples = int(sum(b["input_ids"].shape[0] for b in batches)) * num_samples
 
     # Stage 1: covariances.

@@ -17,7 +17,7 @@ Ritz vectors, available on every backend); the discarded asymmetry is at
 rounding level.  Ritz residual of pair i: |h_{m+1,m}| |S[m, i]|.  As in the
 paper, the top-k Ritz pairs by |theta| ("distillation") give the inverse
 
-    P v = U diag(1/(t(theta)+lambda)) U^T v + (v - U U^T v)/lambda
+    P v = U diag(1/(t(theta)+lambda)) U^T v + c (v - U U^T v)/lambda
 
 (``jaxinf.ihvp.lowrank``; t from ``negative``).  lambda: absolute or relative
 to tr(C)/n (``operator_damping``).
@@ -80,6 +80,7 @@ def arnoldi(
     reorthogonalize: bool = True,
     negative: str = "keep",
     trace_probes: int = 16,
+    complement: str = "zero",
 ) -> IHVPSolver:
     """Arnoldi low-rank inverse: `num_iters` C-products at fit, top-`rank` Ritz pairs by |theta|."""
 
@@ -87,4 +88,5 @@ def arnoldi(
         basis, hess = arnoldi_hessenberg(op, key, m, reorth)
         return _arnoldi_ritz(basis, hess, k)
 
-    return krylov_solver("arnoldi", ritz, damping, num_iters, rank, reorthogonalize, negative, trace_probes)
+    return krylov_solver("arnoldi", ritz, damping, num_iters, rank, reorthogonalize, negative, trace_probes,
+                         complement)

@@ -84,9 +84,13 @@ class IHVPSolver(NamedTuple):
         """x ~ (C + lambda I)^{-1} v for one parameter-shaped pytree v."""
         return self.apply_with_info(state, v)[0]
 
-    def apply_batched(self, state, vs: PyTree) -> PyTree:
-        """Solve for a stack of Q query vectors (leaves [Q, *leaf]) via vmap."""
+    def apply_batched_with_info(self, state, vs: PyTree):
+        """(xs, info) for a stack of Q query vectors (leaves [Q, *leaf]; info leaves [Q]); raises as apply."""
         state.spec.check_batched(vs, "vs")
         xs, info = _jit_solve_batched(self.solve, state, vs)
         self._check(state, info)
-        return xs
+        return xs, info
+
+    def apply_batched(self, state, vs: PyTree) -> PyTree:
+        """Solve for a stack of Q query vectors (leaves [Q, *leaf]) via vmap."""
+        return self.apply_batched_with_info(state, vs)[0]

@@ -87,4 +87,7 @@ def operator_damping(damping: DampingLike, op, key=None, trace_probes: int = 16,
     if key is None:
         raise ValueError(f"{solver}: relative damping needs a PRNG key at fit (Hutchinson trace estimate)")
     tr = hutchinson_trace(op, key, num_probes=trace_probes)
+    if not float(tr) > 0:  # an indefinite Hessian can have tr <= 0: relative damping would be <= 0
+        raise ValueError(f"{solver}: relative damping {damping} needs tr(C) > 0, but the Hutchinson estimate of the "
+                         f"{op.kind} trace is {float(tr):.4g}; use an absolute damping, or a PSD curvature (GGN/Fisher)")
     return jnp.asarray(damping.resolve(tr, op.dim), dtype)

@@ -13,8 +13,8 @@ grows with the spread of the ||g_i|| relative to lambda.  Default damping per
 layer, as in the DataInf reference code (``lambda_const = mean_i mean(g_i^2)
 / 10``): lambda_l = 0.1 * mean_i ||g_i,l||^2 / d_l = relative(0.1).  Note the
 reference code treats every weight tensor (lora_A, lora_B separately) as a
-layer: that is ``by="leaf"``; the default here, ``by="top"``, groups a
-module's A and B into one block.
+layer: that is ``by="leaf"``, the default here (``by="top"`` groups a
+module's A and B into one block).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 
 from jaxinf.curvature.operators import CurvatureOperator
 from jaxinf.ihvp.base import IHVPSolver, state_dataclass
-from jaxinf.ihvp.damping import Damping, DampingLike, as_damping
+from jaxinf.ihvp.damping import Damping, DampingLike
 from jaxinf.ihvp.layers import LayerPartition  # noqa: F401  (state field type)
-from jaxinf.ihvp.woodbury import damped_layer_gradients
+from jaxinf.ihvp.woodbury import as_layer_damping, damped_layer_gradients
 
 
 @state_dataclass(data_fields=["grads", "sq_norms", "dampings"], meta_fields=["partition"])
@@ -58,9 +58,11 @@ def _failure(name, state, info):
     return f"{name}: non-finite result (per-layer dampings min={float(state.dampings.min()):.3g}); damping must be > 0"
 
 
-def datainf(damping: DampingLike = Damping(0.1, relative=True), by: str = "top") -> IHVPSolver:
-    """DataInf's per-layer closed form; fit needs a 'fisher' operator (per-example gradients)."""
-    damping = as_damping(damping)
+def datainf(damping: DampingLike = Damping(0.1, relative=True), by: str = "leaf") -> IHVPSolver:
+    """DataInf's per-layer closed form; fit needs a 'fisher' operator (per-example gradients). One block per weight
+    tensor (``by="leaf"``: lora_A and lora_B separately), as the DataInf reference code. damping: absolute /
+    relative, or {block name: absolute lambda_l}."""
+    damping = as_layer_damping(damping)
 
     def fit(op: CurvatureOperator, key=None) -> DataInfState:
         partition, grads, lams = damped_layer_gradients("datainf", op, damping, by)

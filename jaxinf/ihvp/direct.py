@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinf.curvature._tree import TreeSpec
 from jaxinf.curvature.dense import dense_matrix
@@ -51,6 +52,19 @@ def _failure(name, state, info):
     )
 
 
+def _refuse_singular(theta, lam, negative: str):
+    """Raise when t(theta) + lambda has an eigenvalue at rounding level (e.g. zero damping on a singular C)."""
+    shifted = np.asarray(transform_eigenvalues(theta, negative) + lam)
+    theta = np.asarray(theta)
+    floor = theta.shape[0] * np.finfo(theta.dtype).eps * max(float(np.max(np.abs(theta))), float(abs(lam)), 1e-300)
+    worst = int(np.argmin(np.abs(shifted)))
+    if abs(shifted[worst]) <= floor:
+        raise ValueError(
+            f"direct: C + lambda I is singular: eigenvalue {float(theta[worst]):.3g} + damping {float(lam):.3g} = "
+            f"{float(shifted[worst]):.3g} (rounding level {floor:.3g}; smallest eigenvalue of C "
+            f"{float(theta.min()):.3g}); pass a damping > 0, e.g. ihvp.relative(0.1) or an absolute value")
+
+
 def direct(damping: DampingLike = 0.0, negative: str = "keep") -> IHVPSolver:
     """Exact (C + lambda I)^{-1} by dense eigendecomposition (small n only)."""
     damping = as_damping(damping)
@@ -60,6 +74,7 @@ def direct(damping: DampingLike = 0.0, negative: str = "keep") -> IHVPSolver:
         mat = dense_matrix(op)
         theta, u = _eigh(mat)
         lam = damping.resolve(jnp.sum(theta), theta.shape[0])
+        _refuse_singular(theta, lam, negative)
         return DirectState(u, theta, jnp.asarray(lam, theta.dtype), negative_code(negative), TreeSpec.of(op.params))
 
     return IHVPSolver("direct", fit, _direct_solve, _failure)
@@ -70,4 +85,5 @@ def fit_matrix(matrix: jax.Array, spec: TreeSpec, damping: DampingLike = 0.0, ne
     damping = as_damping(damping)
     theta, u = _eigh(matrix)
     lam = damping.resolve(jnp.sum(theta), theta.shape[0])
+    _refuse_singular(theta, lam, negative)
     return DirectState(u, theta, jnp.asarray(lam, theta.dtype), negative_code(negative), spec)

@@ -19,6 +19,7 @@ the trainable pytree restricted to the chosen layers (``capture.restrict``; all 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
@@ -79,8 +80,13 @@ def _spec_for(layers, trainable, param_dtype) -> TreeSpec:
 def state_from_factors(factors: KFACFactors, kind: str, damping: DampingLike, trainable: Optional[PyTree] = None,
                        dtype=None) -> KroneckerState:
     """KroneckerState for "kfac" or "ekfac" from fitted factors; arrays in ``dtype`` (default: the parameter dtype
-    promoted to at least float32)."""
-    damping = as_damping(damping)
+    promoted to at least float32). damping: absolute / relative, or {layer name: absolute lambda_l}."""
+    if isinstance(damping, Mapping):
+        missing = [l.name for l in factors.layers if l.name not in damping]
+        if missing:
+            raise ValueError(f"{kind}: per-layer damping has no value for layers {missing}")
+    else:
+        damping = as_damping(damping)
     if kind == "ekfac" and factors.corrected is None:
         raise ValueError("ekfac needs eigenvalue-corrected factors: fit them with correct=True")
     spec = _spec_for(factors.layers, trainable, factors.param_dtype)
@@ -89,7 +95,8 @@ def state_from_factors(factors: KFACFactors, kind: str, damping: DampingLike, tr
     for j in range(len(factors.layers)):
         lam = factors.corrected[j] if kind == "ekfac" else factors.kfac_eigenvalues(j)
         lam = np.maximum(lam, 0.0)  # rounding can leave tiny negative eigenvalues of PSD factors
-        damps.append(float(damping.resolve(lam.sum(), lam.size)))
+        damps.append(float(damping[factors.layers[j].name]) if isinstance(damping, Mapping)
+                     else float(damping.resolve(lam.sum(), lam.size)))
         q_a.append(jnp.asarray(factors.a_eig[j][1], dtype))
         q_s.append(jnp.asarray(factors.s_eig[j][1], dtype))
         lams.append(jnp.asarray(lam, dtype))

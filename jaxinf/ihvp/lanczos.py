@@ -20,7 +20,7 @@ Ritz pairs: T_m = S diag(theta) S^T, u_i = Q_m s_i, residual
 ||C u_i - theta_i u_i|| = |beta_m| |S[m, i]|.  The k Ritz pairs of largest
 |theta| define the inverse of ``jaxinf.ihvp.lowrank``:
 
-    P v = U diag(1/(t(theta)+lambda)) U^T v + (v - U U^T v)/lambda,
+    P v = U diag(1/(t(theta)+lambda)) U^T v + c (v - U U^T v)/lambda,
 
 with t given by ``negative`` ("keep" | "abs" | "clip").  For m = k = n
 (full rank, with reorthogonalisation) P = (C + lambda I)^{-1}.  lambda:
@@ -121,6 +121,7 @@ def lanczos(
     reorthogonalize: bool = True,
     negative: str = "keep",
     trace_probes: int = 16,
+    complement: str = "zero",
 ) -> IHVPSolver:
     """Lanczos low-rank inverse: `num_iters` C-products at fit, top-`rank` Ritz pairs (default all)."""
 
@@ -128,4 +129,5 @@ def lanczos(
         basis, alpha, beta = lanczos_tridiagonal(op, key, m, reorth)
         return _lanczos_ritz(basis, alpha, beta, k)
 
-    return krylov_solver("lanczos", ritz, damping, num_iters, rank, reorthogonalize, negative, trace_probes)
+    return krylov_solver("lanczos", ritz, damping, num_iters, rank, reorthogonalize, negative, trace_probes,
+                         complement)

@@ -3,10 +3,16 @@
 Given orthonormal eigen/Ritz vectors U = [u_1..u_k] (n x k) with eigen/Ritz
 values theta_1..theta_k of C, the damped inverse is approximated by
 
-    P v = U diag(1 / (t(theta) + lambda)) U^T v + (v - U U^T v) / lambda,
+    P v = U diag(1 / (t(theta) + lambda)) U^T v + c (v - U U^T v) / lambda,
 
-i.e. exact on span(U) and "curvature = 0, damping only" on its orthogonal
-complement (for k = n this is exactly (C + lambda I)^{-1} when t = id).
+exact on span(U); on its orthogonal complement the option ``complement``:
+
+* "zero" (c = 0, the default): projection onto the top-k Ritz space only, as
+  Schioppa et al. (2022). With k below the rank of C the complement holds
+  unresolved curvature; 1/lambda there would dominate P v at small lambda.
+* "damping" (c = 1): "curvature = 0, damping only" on the complement.
+
+For k = n both are exactly (C + lambda I)^{-1} when t = id.
 
 Negative eigenvalues (Hessians of non-convex losses are indefinite) are
 handled by the explicit option ``negative``:
@@ -58,7 +64,7 @@ def select_top_k(theta: jax.Array, vecs: jax.Array, k: int):
 
 
 @state_dataclass(
-    data_fields=["basis", "eigvals", "damping", "ritz_values", "ritz_residuals", "negative"],
+    data_fields=["basis", "eigvals", "damping", "ritz_values", "ritz_residuals", "negative", "complement"],
     meta_fields=["spec"],
 )
 class LowRankState:
@@ -70,16 +76,17 @@ class LowRankState:
     ritz_values: jax.Array
     ritz_residuals: jax.Array
     negative: jax.Array  # int32 code of the policy, see negative_code
+    complement: jax.Array  # c: 0.0 ("zero") or 1.0 ("damping")
     spec: TreeSpec
 
 
 def lowrank_solve(state: LowRankState, v):
-    """P v = U diag(1/(t(theta)+lambda)) U^T v + (v - U U^T v)/lambda."""
+    """P v = U diag(1/(t(theta)+lambda)) U^T v + c (v - U U^T v)/lambda."""
     x = state.spec.ravel(v)
     u = state.basis
     coef = u.T @ x
     shifted = transform_eigenvalues(state.eigvals, state.negative) + state.damping
-    out = u @ (coef / shifted) + (x - u @ coef) / state.damping
+    out = u @ (coef / shifted) + state.complement * (x - u @ coef) / state.damping
     info = {
         "ok": jnp.all(jnp.isfinite(out)),
         "min_shifted_eigenvalue": jnp.min(shifted),
@@ -95,16 +102,21 @@ def lowrank_failure(name, state, info) -> str:
     )
 
 
+COMPLEMENTS = ("zero", "damping")
+
+
 def krylov_solver(name: str, ritz, damping, num_iters: int, rank, reorthogonalize: bool, negative: str,
-                  trace_probes: int):
+                  trace_probes: int, complement: str = "zero"):
     """The IHVPSolver shared by Lanczos and Arnoldi: `ritz(op, key, num_iters, reorthogonalize, rank)` returns
-    (all Ritz values, their residuals, the top-`rank` values, their Ritz vectors [n, rank]); the rest of the
-    spectrum is damped only (see `lowrank_solve`)."""
+    (all Ritz values, their residuals, the top-`rank` values, their Ritz vectors [n, rank]); the complement of
+    their span gets 0 ("zero") or 1/lambda ("damping"), see `lowrank_solve`."""
     from jaxinf.ihvp.base import IHVPSolver
     from jaxinf.ihvp.damping import as_damping, operator_damping
 
     damping = as_damping(damping)
     check_negative(negative)
+    if complement not in COMPLEMENTS:
+        raise ValueError(f"{name}: complement must be one of {COMPLEMENTS}, got {complement!r}")
     rank = num_iters if rank is None else rank
     if not 1 <= rank <= num_iters:
         raise ValueError(f"need 1 <= rank <= num_iters, got rank={rank}, num_iters={num_iters}")
@@ -117,6 +129,7 @@ def krylov_solver(name: str, ritz, damping, num_iters: int, rank, reorthogonaliz
         k_run, k_damp = jax.random.split(key)
         lam = operator_damping(damping, op, k_damp, trace_probes, name)
         theta, res, top, u = ritz(op, k_run, num_iters, reorthogonalize, rank)
-        return LowRankState(u, top, lam, theta, res, negative_code(negative), op.spec)
+        c = jnp.asarray(1.0 if complement == "damping" else 0.0, lam.dtype)
+        return LowRankState(u, top, lam, theta, res, negative_code(negative), c, op.spec)
 
     return IHVPSolver(name, fit, lowrank_solve, lowrank_failure)

@@ -16,6 +16,8 @@ pytree (``by="top"``), single leaves (``by="leaf"``) or one block (``by="all"``)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
@@ -44,16 +46,28 @@ def layer_gradients(op: CurvatureOperator, by: str = "top"):
     return partition, partition.split_batched(op.per_example_grads())
 
 
-def layer_dampings(damping: Damping, grads) -> jax.Array:
-    """lambda_l per layer (relative: fraction * mean_i ||g_i,l||^2 / d_l)."""
-    lams = [damping.resolve(jnp.mean(jnp.sum(g * g, axis=1)), g.shape[1]) for g in grads]
+def layer_dampings(damping, grads, names=None) -> jax.Array:
+    """lambda_l per layer: relative = fraction * mean_i ||g_i,l||^2 / d_l; absolute = the value; a mapping
+    {block name: absolute lambda_l} gives each block its own value (every block must be named)."""
+    if isinstance(damping, Mapping):
+        missing = [n for n in names if n not in damping]
+        if missing:
+            raise ValueError(f"per-block damping has no value for blocks {missing}; its keys: {list(damping)}")
+        lams = [damping[n] for n in names]
+    else:
+        lams = [damping.resolve(jnp.mean(jnp.sum(g * g, axis=1)), g.shape[1]) for g in grads]
     return jnp.stack([jnp.asarray(x, grads[0].dtype) for x in lams])
 
 
-def damped_layer_gradients(name: str, op: CurvatureOperator, damping: Damping, by: str):
+def as_layer_damping(damping):
+    """A Damping, or a {block name: absolute lambda} mapping kept as is."""
+    return dict(damping) if isinstance(damping, Mapping) else as_damping(damping)
+
+
+def damped_layer_gradients(name: str, op: CurvatureOperator, damping, by: str):
     """(partition, per-layer gradients G_l, per-layer dampings lambda_l > 0) for the per-layer Fisher methods."""
     partition, grads = layer_gradients(op, by)
-    lams = layer_dampings(damping, grads)
+    lams = layer_dampings(damping, grads, partition.names)
     if not bool(jnp.all(lams > 0)):
         raise ValueError(f"{name} needs a positive damping per layer, got {lams} from {damping}")
     return partition, tuple(grads), lams
@@ -87,8 +101,9 @@ def _failure(name, state, info):
 
 
 def woodbury(damping: DampingLike = Damping(0.1, relative=True), by: str = "top") -> IHVPSolver:
-    """Exact block-diagonal (F_l + lambda_l I)^{-1} of the empirical Fisher; fit needs a 'fisher' operator."""
-    damping = as_damping(damping)
+    """Exact block-diagonal (F_l + lambda_l I)^{-1} of the empirical Fisher; fit needs a 'fisher' operator.
+    damping: absolute / relative, or {block name: absolute lambda_l} (names of ``LayerPartition.of(params, by)``)."""
+    damping = as_layer_damping(damping)
 
     def fit(op: CurvatureOperator, key=None) -> WoodburyState:
         partition, grads, lams = damped_layer_gradients("woodbury", op, damping, by)
