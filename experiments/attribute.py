@@ -23,22 +23,17 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
-from jaxinf import attribution, recipes, runtime, study, training
+from jaxinf import attribution, cli, health, recipes, runtime, study, training
 from jaxinf.evaluation import evaluate
 from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", DEFAULT_MODEL, "smollm2-135m-instruct | tiny-llama | tiny-mistral | tiny-gpt2 | local HF dir")
-flags.DEFINE_string("data", "backdoor", "study folder (../shared/paper_datasets/<name>), .jsonl/.csv, or generator")
 flags.DEFINE_list("methods", list(study.ALL_METHODS), f"comma list from {list(study.ALL_METHODS)}")
 flags.DEFINE_enum("preset", "quick", list(study.PRESETS), "quick: 2-core CPU sizes; paper: the study's settings")
 flags.DEFINE_string("workdir", "runs/attribute", "fine-tuning, gradients, scores and results go here")
 flags.DEFINE_integer("seed", 0, "seed for subsampling, data order, adapter init and solvers")
-flags.DEFINE_integer("limit_train", None, "override the preset's training subsample (0 = all rows)")
-flags.DEFINE_integer("limit_test", None, "override the preset's test subsample (0 = all rows)")
 flags.DEFINE_float("epochs", None, "override the preset's fine-tuning epochs")
-flags.DEFINE_enum("loss_on", "response", ["response", "all", "all_with_padding"],
-                  "tokens in the training loss and gradients; all_with_padding = the study's released code")
 flags.DEFINE_enum("repsim_pooling", "prompt_end", list(attribution.POOLINGS),
                   "RepSim representation: hidden state at the final prompt token (the study) or response mean")
 flags.DEFINE_integer("lissa_depth", None, "LiSSA iterations (the study's code ran 3-10; default: the preset's)")
@@ -52,12 +47,7 @@ flags.DEFINE_enum("curvature", "fisher", list(study.CURVATURES),
                   "fisher: empirical Fisher of the cached gradients; ggn | hessian: the model's exact operators over "
                   "the training rows for exact, cg, lissa, lanczos, arnoldi (the other methods report what they used)")
 flags.DEFINE_integer("bootstrap", 1000, "bootstrap resamples over test rows for the confidence intervals")
-
-
-def _limit(flag_value, preset_value):
-    if flag_value is None:
-        return preset_value
-    return None if flag_value == 0 else flag_value
+cli.define_data_flags()  # --data, --test_data/--test_fraction, columns, --template/--max_length/--limit_* (preset's)
 
 
 def _gradients(fns, adapters, tokenized, path, chunk):
@@ -121,13 +111,12 @@ def main(argv):
     os.makedirs(FLAGS.workdir, exist_ok=True)
     _check_settings(FLAGS.workdir, {k: FLAGS[k].value for k in (
         "model", "data", "preset", "seed", "limit_train", "limit_test", "epochs", "loss_on", "repsim_pooling",
-        "lissa_depth")})  # damping, scope and curvature key the score caches instead (a sweep reuses the rest)
+        "lissa_depth")} | _data_options())  # damping, scope and curvature key the score caches instead
 
+    data = cli.task_config_from_flags(seed=FLAGS.seed, template=preset.template, max_length=preset.max_length,
+                                      limit_train=preset.limit_train, limit_test=preset.limit_test)
     model = load_model(FLAGS.model, seed=FLAGS.seed)
-    task = recipes.load_task(model, recipes.TaskConfig(
-        source=FLAGS.data, template=preset.template, max_length=preset.max_length, loss_on=FLAGS.loss_on,
-        limit_train=_limit(FLAGS.limit_train, preset.limit_train),
-        limit_test=_limit(FLAGS.limit_test, preset.limit_test), seed=FLAGS.seed))
+    task = cli.load_task(model, data)  # disjoint splits; bad data end in one UsageError line
     harmful = "harmful" in set(task.train.groups.tolist())
     epochs = FLAGS.epochs or (preset.epochs_harmful if harmful and preset.epochs_harmful else preset.epochs)
     lora = LoraConfig(dropout=preset.lora_dropout)
@@ -137,9 +126,10 @@ def main(argv):
         steps=steps, batch_size=batch_size, lr=preset.lr,
         checkpoint_every=max(1, steps // preset.tracin_checkpoints), seed=FLAGS.seed)
     ft_dir = os.path.join(FLAGS.workdir, "finetune")
-    adapters, log = recipes.finetune_lora(
-        model, lora, task, train_config, ft_dir,
-        run_config={"data": FLAGS.data, "preset": FLAGS.preset, "loss_on": FLAGS.loss_on})
+    with cli.user_errors():  # a non-finite loss names the step and the last good checkpoint, in one line
+        adapters, log = recipes.finetune_lora(
+            model, lora, task, train_config, ft_dir,
+            run_config={"data": FLAGS.data, "preset": FLAGS.preset, "loss_on": FLAGS.loss_on, **_data_options()})
     fns = LMFunctions(model, lora)
 
     grads_train = _gradients(fns, adapters, task.train, os.path.join(FLAGS.workdir, "grads_train.npz"),
@@ -160,12 +150,21 @@ def main(argv):
         "group_counts": {g: int(c) for g, c in zip(*np.unique(task.train.groups, return_counts=True))},
         "train_groups": [str(g) for g in task.train.groups], "test_groups": [str(g) for g in task.test.groups],
         "finetune": {"steps": steps, "epochs": epochs, "batch_size": batch_size, "final_loss": final.get("loss"),
-                     "final_grad_norm": final.get("grad_norm"), "dist_from_init": final.get("dist_from_init")},
+                     "final_grad_norm": final.get("grad_norm"), "dist_from_init": final.get("dist_from_init"),
+                     "health": health.read(ft_dir)},  # loss not falling, vanishing gradient, far from init
+        "data_split": task.split_info,  # how train/test were split, sizes, duplicates kept by --allow_overlap
     }
     print(f"\n{title}; fine-tune loss {final.get('loss', float('nan')):.3f} after {steps} steps")
     for value in dampings:  # one result set per damping value; fine-tuning, gradients and factors are shared
         result_dir = FLAGS.workdir if len(dampings) == 1 else os.path.join(FLAGS.workdir, f"damping_{value:g}")
         _attribute_one_damping(dataclasses.replace(inputs, damping=value), task, result_dir, run_info, title)
+
+
+def _data_options() -> dict:
+    """Data flags that change which rows or tokens a run sees, when set away from their defaults (so workdirs made
+    before these flags existed still resume)."""
+    keys = ("test_data", "test_fraction", "prompt_column", "response_column", "group_column", "template", "max_length")
+    return {k: FLAGS[k].value for k in keys if FLAGS[k].value != FLAGS[k].default}
 
 
 def _damping_values(flag_value, preset_value) -> list:
