@@ -73,10 +73,15 @@ def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay], boundaries=[warmup])
 
 
-def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW on `make_schedule` (and optional global-norm clipping)."""
+def make_optimizer(config: TrainConfig, total_steps: int, *, eps_root: float = 0.0) -> optax.GradientTransformation:
+    """AdamW on `make_schedule` (and optional global-norm clipping).
+
+    `eps_root` is optax's term inside the square root, sqrt(nu_hat + eps_root). Training uses 0; differentiating
+    through training (`jaxinf.groundtruth`) uses a tiny one (1e-30), which changes no update above rounding but
+    keeps d sqrt(nu)/d nu finite where nu = 0 (e.g. LoRA A at step 1, whose gradient is 0 while B = 0)."""
     parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []
-    parts.append(optax.adamw(make_schedule(config, total_steps), weight_decay=config.weight_decay))
+    parts.append(optax.adamw(make_schedule(config, total_steps), weight_decay=config.weight_decay,
+                             eps_root=eps_root))
     return optax.chain(*parts)
 
 
@@ -97,27 +102,64 @@ def _tree_norm(tree) -> jax.Array:
     return optax.global_norm(tree)
 
 
+def data_order(config: TrainConfig, n_rows: int) -> np.ndarray:
+    """Row indices of every step, [total_steps, batch_size]: `example_order` for steps 0..S-1 (host-side)."""
+    total = config.total_steps(n_rows)
+    return np.stack([example_order(config.seed, n_rows, s, config.batch_size) for s in range(total)])
+
+
+def step_rng(seed: int, step) -> jax.Array:
+    """Dropout key of optimiser step `step` (an int or a traced scalar): fold_in(key(seed), step)."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def weighted_step(fns: LMFunctions, optimizer: optax.GradientTransformation, grad_accum: int):
+    """The pure (unjitted) optimiser step with per-slot weights, shared by `make_train_step` and the scanned
+    trainer of `jaxinf.groundtruth`:
+
+        (base, trainable, opt_state, batch, weights [B], rng) -> (trainable, opt_state, loss, grads, updates),
+
+    loss = (1/B) sum_b weights[b] L_b (the mean over the batch slots, so weights = 1 is the ordinary mean-loss
+    step and a weight 0 masks a slot without changing the other slots' data), computed over `grad_accum`
+    micro-batches of B / grad_accum slots (micro-batch i uses LoRA-dropout key fold_in(rng, i)) and averaged.
+    """
+
+    def step(base, trainable, opt_state, batch, weights, rng):
+        lm = fns.with_base(base)
+
+        def loss_fn(p, mb, mw, key):
+            return jnp.mean(mw * lm.per_example_loss(p, mb, key))
+
+        grad_fn = jax.value_and_grad(loss_fn)
+        micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), (batch, weights))
+
+        def accumulate(carry, inputs):
+            i, (mb, mw) = inputs
+            loss, grads = grad_fn(trainable, mb, mw, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        dtype = jax.eval_shape(loss_fn, trainable, *jax.tree.map(lambda x: x[0], micro), rng).dtype
+        zero = (jnp.zeros((), dtype), jax.tree.map(jnp.zeros_like, trainable))
+        (loss, grads), _ = jax.lax.scan(accumulate, zero, (jnp.arange(grad_accum), micro))
+        loss, grads = loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss, grads, updates
+
+    return step
+
+
 def make_train_step(fns: LMFunctions, optimizer: optax.GradientTransformation, grad_accum: int):
     """jit-compiled step: (trainable, opt_state, init, batch, rng) -> (trainable, opt_state, metrics).
 
     The frozen base weights enter the compiled step as an argument (see `LMFunctions.with_base`).
+    It is `weighted_step` with every weight 1.
     """
+    step = weighted_step(fns, optimizer, grad_accum)
 
     @jax.jit
     def step_with_base(base, trainable, opt_state, init, batch, rng):
-        grad_fn = jax.value_and_grad(fns.with_base(base).loss)
-        micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
-
-        def accumulate(carry, inputs):
-            i, mb = inputs
-            loss, grads = grad_fn(trainable, mb, jax.random.fold_in(rng, i))
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
-        (loss, grads), _ = jax.lax.scan(accumulate, zero, (jnp.arange(grad_accum), micro))
-        loss, grads = loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        new = optax.apply_updates(trainable, updates)
+        ones = jnp.ones(batch["input_ids"].shape[:1], jax.tree.leaves(trainable)[0].dtype)
+        new, opt_state, loss, grads, updates = step(base, trainable, opt_state, batch, ones, rng)
         metrics = {
             "loss": loss,
             "grad_norm": _tree_norm(grads),

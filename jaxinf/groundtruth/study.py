@@ -1,0 +1,194 @@
+"""Ground truths for a study run, computed once, cached in a directory, and every method's agreement with them.
+
+Kinds (all scores in the library's sign: larger = the training row helps the query more):
+  trajectory  -d L_q(theta_S(w)) / d w_n at w = 1, the exact derivative of the real fine-tuning (all rows)
+  loo         L_q(without n) - L_q(full), by retraining, for `loo_rows` rows spread evenly over the training set
+  pbrf        minus the PBRF response (L_q(theta*(eps)) - L_q(theta_s)) / eps for `pbrf_rows` rows
+  lds         query losses of runs retrained on `lds_subsets` random subsets of fraction `lds_fraction`
+Trajectory, LOO and PBRF cost a reverse pass or a solve per query (or row), so they use `max_queries` test rows
+spread evenly over the test set (all when None); LDS retrains cost the same for any number of queries and use all.
+The retrains start with one run with every weight 1: its query losses must equal those of the fine-tuned adapters
+(`replay_error`), which checks that the scanned trainer replays `jaxinf.training.train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from jaxinf.groundtruth import agreement
+from jaxinf.groundtruth.pbrf import pbrf_scores
+from jaxinf.groundtruth.retrain import lds_masks, retrain_losses
+from jaxinf.groundtruth.trajectory import WeightedRun, trajectory_influence
+
+KINDS = ("trajectory", "lds", "loo", "pbrf")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundTruthConfig:
+    kinds: tuple[str, ...] = ()
+    max_queries: Optional[int] = None
+    lds_subsets: int = 8
+    lds_fraction: float = 0.5
+    loo_rows: Optional[int] = 8
+    pbrf_rows: Optional[int] = 8
+    pbrf_eps: float = 1e-2
+    pbrf_damping: float = 1e-3  # absolute lambda (the study binary sets it relative to the Fisher's mean eigenvalue)
+    pbrf_iters: int = 50
+    retrain_chunk: int = 1
+    query_chunk: Optional[int] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown ground truth {unknown}; choose from {list(KINDS)}")
+
+
+def spread(n: int, k: Optional[int]) -> np.ndarray:
+    """k indices spread evenly over 0..n-1 (all of them when k is None or >= n)."""
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.unique(np.round(np.linspace(0, n - 1, max(1, int(k)))).astype(np.int64))
+
+
+def _take(arrays: dict, idx) -> dict:
+    return {k: np.asarray(v)[idx] for k, v in arrays.items()}
+
+
+def _key(kind: str, config: GroundTruthConfig, qidx: np.ndarray) -> str:
+    """The settings a cached ground truth depends on, as a file-name part (other settings: other files)."""
+    q = f"q{len(qidx)}"
+    if kind == "trajectory":
+        return q
+    if kind == "loo":
+        return f"{q}_r{config.loo_rows}"
+    if kind == "lds":
+        return f"m{config.lds_subsets}_a{config.lds_fraction:g}_s{config.seed}"
+    return f"{q}_r{config.pbrf_rows}_e{config.pbrf_eps:g}_l{config.pbrf_damping:g}_i{config.pbrf_iters}"
+
+
+def compute(run: WeightedRun, adapters: Any, queries: dict, config: GroundTruthConfig, directory: str) -> dict:
+    """{kind: ground truth} for each kind of `config`, cached in `directory` (<kind>.npz), resumable.
+
+    Score kinds hold "scores" [Q', N'] with the indices "queries" [Q'] and "rows" [N'] they refer to; "lds"
+    holds "masks" [M, N] and "losses" [M, Q]. Each holds "seconds" (wall time of its computation). Cache files
+    are named by the sizes they depend on (`_key`); the directory must belong to one fine-tuning run.
+    """
+    config.validate()
+    os.makedirs(directory, exist_ok=True)
+    n, q = run.n_rows, int(np.asarray(queries["input_ids"]).shape[0])
+    qidx = spread(q, config.max_queries)
+    out = {}
+    for kind in config.kinds:
+        path = os.path.join(directory, f"{kind}_{_key(kind, config, qidx)}.npz")
+        if not os.path.exists(path):
+            start = time.perf_counter()
+            if kind == "trajectory":
+                res = {"scores": trajectory_influence(run, _take(queries, qidx), query_chunk=config.query_chunk),
+                       "queries": qidx, "rows": np.arange(n)}
+            elif kind == "loo":
+                rows = spread(n, config.loo_rows)
+                weights = np.ones((len(rows) + 1, n))
+                weights[np.arange(1, len(rows) + 1), rows] = 0.0
+                losses = retrain_losses(run, weights, _take(queries, qidx), chunk=config.retrain_chunk,
+                                        cache=path[:-4] + "_retrains.npz", desc="leave-one-out")
+                res = {"scores": (losses[1:] - losses[:1]).T, "queries": qidx, "rows": rows}
+            elif kind == "lds":
+                masks = lds_masks(n, config.lds_subsets, config.lds_fraction, config.seed)
+                weights = np.concatenate([np.ones((1, n)), masks], 0)
+                losses = retrain_losses(run, weights, queries, chunk=config.retrain_chunk,
+                                        cache=path[:-4] + "_retrains.npz", desc="LDS subsets")
+                full = np.asarray(run.fns.per_example_loss(adapters, {k: np.asarray(v) for k, v in queries.items()}))
+                res = {"masks": masks, "losses": losses[1:], "full_losses": losses[0],
+                       "replay_error": float(np.max(np.abs(losses[0] - full)))}
+            else:  # pbrf
+                rows = spread(n, config.pbrf_rows)
+                pb = pbrf_scores(run.fns, adapters, run.data, _take(queries, qidx), rows, eps=config.pbrf_eps,
+                                 damping=config.pbrf_damping, iters=config.pbrf_iters)
+                res = {"scores": pb["scores"], "grad_norm": pb["grad_norm"], "queries": qidx, "rows": rows}
+            res["seconds"] = time.perf_counter() - start
+            np.savez(path + ".tmp.npz", **res)
+            os.replace(path + ".tmp.npz", path)
+        with np.load(path) as saved:
+            out[kind] = {k: saved[k] for k in saved.files}
+    return out
+
+
+def agreement_with(scores: np.ndarray, truths: dict, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """{kind: {"value", "ci", "per_query"}} of a method's score matrix [Q, N] against each ground truth: LDS for
+    "lds" (over the queries whose scores are all finite), and for the others the mean per-query Spearman over
+    the ground truth's queries and the rows where both are finite (NaN marks entries a ground truth, used as a
+    method via `as_method_scores`, did not compute)."""
+    s = np.asarray(scores, np.float64)
+    out = {}
+    for kind, t in truths.items():
+        if kind == "lds":
+            keep = np.all(np.isfinite(s), axis=1)
+            res = agreement.lds(s[keep], t["masks"], t["losses"][:, keep], n_boot=n_boot, seed=seed)
+        else:
+            sub, ref = s[np.ix_(t["queries"], t["rows"])], np.asarray(t["scores"], np.float64)
+            both = np.isfinite(sub) & np.isfinite(ref)
+            per_query = np.array([agreement._spearman(a[m], b[m]) if m.sum() > 2 else np.nan
+                                  for a, b, m in zip(sub, ref, both)])
+            res = agreement._summary(per_query, n_boot, seed)
+        out[kind] = res
+    return out
+
+
+def as_method_scores(kind: str, truth: dict, n_queries: int, n_rows: int) -> Optional[np.ndarray]:
+    """A score ground truth as a full [Q, N] matrix (NaN outside its queries and rows), or None for "lds"."""
+    if kind == "lds":
+        return None
+    full = np.full((n_queries, n_rows), np.nan)
+    full[np.ix_(truth["queries"], truth["rows"])] = truth["scores"]
+    return full
+
+
+def summary(truths: dict) -> dict:
+    """JSON-able facts about each ground truth (sizes, seconds, checks)."""
+    out = {}
+    for kind, t in truths.items():
+        d = {"seconds": float(t["seconds"])}
+        if kind == "lds":
+            d.update(subsets=int(t["masks"].shape[0]), fraction=float(t["masks"].mean()),
+                     replay_error=float(t["replay_error"]))
+        else:
+            d.update(queries=[int(i) for i in t["queries"]], rows=int(len(t["rows"])))
+        if "grad_norm" in t:
+            d["max_grad_norm"] = float(np.max(t["grad_norm"])) if t["grad_norm"].size else 0.0
+        out[kind] = d
+    return json.loads(json.dumps(out))
+
+
+def plot_agreement(rows: list, kinds: list, path: str, title: str) -> None:
+    """One panel per ground truth: each method's agreement (LDS, or mean per-query Spearman) with its bootstrap
+    interval. `rows`: dicts with "method", f"gt_{kind}", f"gt_{kind}_lo", f"gt_{kind}_hi"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds) + 1, 0.28 * len(rows) + 1.6), sharey=True,
+                             squeeze=False)
+    names = [r["method"] for r in rows]
+    for ax, kind in zip(axes[0], kinds):
+        vals = np.array([r.get(f"gt_{kind}", np.nan) for r in rows], float)
+        lo = np.nan_to_num(vals - np.array([r.get(f"gt_{kind}_lo", np.nan) for r in rows], float))
+        hi = np.nan_to_num(np.array([r.get(f"gt_{kind}_hi", np.nan) for r in rows], float) - vals)
+        ax.barh(names, np.nan_to_num(vals), xerr=[np.clip(lo, 0, None), np.clip(hi, 0, None)],
+                color="tab:green", alpha=0.8)
+        ax.axvline(0.0, color="k", lw=0.8)
+        ax.set_xlim(-1, 1)
+        ax.set_title("LDS" if kind == "lds" else f"Spearman vs {kind}")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
