@@ -8,6 +8,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxinf import data as jdata
@@ -81,13 +82,20 @@ def finetune_lora(
     *,
     run_config: Optional[dict] = None,
     stop_after: Optional[int] = None,
+    mesh=None,
 ) -> tuple[dict, list[dict]]:
-    """LoRA fine-tune on `task.train` in `workdir` (resuming if interrupted); returns adapters and log."""
+    """LoRA fine-tune on `task.train` in `workdir` (resuming if interrupted); returns adapters and log.
+
+    Adapters are kept in float32 at least (master weights): with a bfloat16 model the base weights and
+    activations are bfloat16, the adapters, their AdamW updates and every gradient float32. `mesh`: see
+    `training.train`.
+    """
     fns = LMFunctions(model, lora)
     init = init_adapters(jax.random.key(train_config.seed), model, lora)
+    init = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), init)
     run_config = dict(run_config or {}, model=model.name, lora=dataclasses.asdict(lora))
     return training.train(fns, init, batch_arrays(task.train), train_config, workdir, run_config=run_config,
-                          stop_after=stop_after)
+                          stop_after=stop_after, mesh=mesh)
 
 
 def write_json(path: str, obj: Any) -> None:

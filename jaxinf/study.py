@@ -123,6 +123,7 @@ class StudyInputs:
     damping: Optional[float] = None
     damping_scope: str = "global"
     curvature: str = "fisher"
+    mesh: Any = None  # jaxinf.sharding device mesh for the K-FAC passes (None: one device)
     _fisher: Any = None
     _kfac: Any = None
     _cache: dict = dataclasses.field(default_factory=dict)  # shared by dataclasses.replace (a damping sweep)
@@ -145,7 +146,8 @@ class StudyInputs:
             from jaxinf.data import batches
 
             self._kfac = fit_factors(self.fns, self.adapters, list(batches(self.train, self.preset.grad_chunk)),
-                                     correct=True, directory=os.path.join(os.path.dirname(self.workdir), "kfac_factors"))
+                                     correct=True, directory=os.path.join(os.path.dirname(self.workdir), "kfac_factors"),
+                                     mesh=self.mesh)
         return self._kfac
 
     @property

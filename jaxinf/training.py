@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from tqdm.auto import tqdm
 
+from jaxinf import sharding
 from jaxinf import health
 from jaxinf.models.loss import LMFunctions
 
@@ -113,7 +114,7 @@ def step_rng(seed: int, step) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def weighted_step(fns: LMFunctions, optimizer: optax.GradientTransformation, grad_accum: int):
+def weighted_step(fns: LMFunctions, optimizer: optax.GradientTransformation, grad_accum: int, mesh=None):
     """The pure (unjitted) optimiser step with per-slot weights, shared by `make_train_step` and the scanned
     trainer of `jaxinf.groundtruth`:
 
@@ -122,6 +123,8 @@ def weighted_step(fns: LMFunctions, optimizer: optax.GradientTransformation, gra
     loss = (1/B) sum_b weights[b] L_b (the mean over the batch slots, so weights = 1 is the ordinary mean-loss
     step and a weight 0 masks a slot without changing the other slots' data), computed over `grad_accum`
     micro-batches of B / grad_accum slots (micro-batch i uses LoRA-dropout key fold_in(rng, i)) and averaged.
+    With a `mesh` (`jaxinf.sharding`) each micro-batch is split over its data axis (the gradient mean becomes an
+    all-reduce); pass base weights and batch placed with `sharding.shard_params` / `sharding.shard_rows`.
     """
 
     def step(base, trainable, opt_state, batch, weights, rng):
@@ -132,6 +135,8 @@ def weighted_step(fns: LMFunctions, optimizer: optax.GradientTransformation, gra
 
         grad_fn = jax.value_and_grad(loss_fn)
         micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), (batch, weights))
+        if mesh is not None:  # split each micro-batch over the data axis, not the accumulation axis
+            micro = jax.lax.with_sharding_constraint(micro, jax.NamedSharding(mesh, jax.P(None, sharding.DATA)))
 
         def accumulate(carry, inputs):
             i, (mb, mw) = inputs
@@ -148,13 +153,13 @@ def weighted_step(fns: LMFunctions, optimizer: optax.GradientTransformation, gra
     return step
 
 
-def make_train_step(fns: LMFunctions, optimizer: optax.GradientTransformation, grad_accum: int):
+def make_train_step(fns: LMFunctions, optimizer: optax.GradientTransformation, grad_accum: int, mesh=None):
     """jit-compiled step: (trainable, opt_state, init, batch, rng) -> (trainable, opt_state, metrics).
 
     The frozen base weights enter the compiled step as an argument (see `LMFunctions.with_base`).
-    It is `weighted_step` with every weight 1.
+    It is `weighted_step` with every weight 1. With a `mesh` the base weights are FSDP-sharded over its model axis.
     """
-    step = weighted_step(fns, optimizer, grad_accum)
+    step = weighted_step(fns, optimizer, grad_accum, mesh)
 
     @jax.jit
     def step_with_base(base, trainable, opt_state, init, batch, rng):
@@ -169,7 +174,7 @@ def make_train_step(fns: LMFunctions, optimizer: optax.GradientTransformation, g
         }
         return new, opt_state, metrics
 
-    return functools.partial(step_with_base, fns.model.params)
+    return functools.partial(step_with_base, sharding.shard_params(fns.model.params, mesh))
 
 
 def checkpoint_manager(workdir: str, keep: Optional[int] = None) -> ocp.CheckpointManager:
@@ -234,13 +239,15 @@ def train(
     *,
     run_config: Optional[dict] = None,
     stop_after: Optional[int] = None,
+    mesh=None,
 ) -> tuple[Any, list[dict]]:
     """Fine-tune `init_trainable` on `data` (arrays with BATCH_KEYS, [N, T]); resume from `workdir` if possible.
 
     Writes `workdir/checkpoints/<step>` (orbax; step 0 = the initial adapters, then every `checkpoint_every`
     steps and the last step) and `workdir/convergence.jsonl` (one line per step). `stop_after` ends this call
     after that many steps in total (with a checkpoint), as an interruption would. Ctrl-C also saves and stops.
-    Returns the trainable parameters and the convergence log.
+    Returns the trainable parameters and the convergence log. `mesh` (`jaxinf.sharding`, optional): data-parallel
+    steps (rows per micro-batch must divide over its data axis), FSDP-sharded base weights; the same numbers.
     """
     for key in BATCH_KEYS:
         if key not in data:
@@ -253,7 +260,11 @@ def train(
                                     seq_len=int(data["input_ids"].shape[1])))
     optimizer = make_optimizer(config, total)
     schedule = make_schedule(config, total)
-    step_fn = make_train_step(fns, optimizer, config.grad_accum)
+    if mesh is not None:
+        sharding.check_divisible(config.batch_size // config.grad_accum, mesh,
+                                 "rows per micro-batch (batch_size / grad_accum)")
+        init_trainable = sharding.replicate(init_trainable, mesh)
+    step_fn = make_train_step(fns, optimizer, config.grad_accum, mesh)
     rng = jax.random.key(config.seed)
     log_path = os.path.join(workdir, "convergence.jsonl")
 
@@ -278,6 +289,7 @@ def train(
                 while step < end:
                     idx = example_order(config.seed, n_rows, step, config.batch_size)
                     batch = {k: jnp.asarray(np.asarray(data[k])[idx]) for k in BATCH_KEYS}
+                    batch = sharding.shard_rows(batch, mesh)
                     trainable, opt_state, metrics = step_fn(trainable, opt_state, init_trainable, batch,
                                                             jax.random.fold_in(rng, step))
                     step += 1

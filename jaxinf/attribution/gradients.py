@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf import sharding
 from jaxinf.models.loss import LMFunctions
 
 PyTree = Any
@@ -130,35 +131,42 @@ def _cast(tree, dtype):
 
 
 def iter_per_example_gradients(loss: Union[LMFunctions, ExampleLoss], trainable: PyTree, data, *,
-                               chunk_size: int = 16, indices=None, flatten: bool = True) -> Iterator[tuple]:
+                               chunk_size: int = 16, indices=None, flatten: bool = True,
+                               mesh=None) -> Iterator[tuple]:
     """Yield (row indices, gradients of those rows) chunk by chunk, gradients as device arrays.
 
     `loss` is an `LMFunctions` (its per-example loss) or a function loss(trainable, example) of one example
     (a dict of [T] arrays). `data` is a `TokenizedRows` or a dict with input_ids / attention_mask / loss_mask
-    [N, T]. Every chunk is padded to `chunk_size` rows, so the jitted vmap(grad) compiles once.
+    [N, T]. Every chunk is padded to `chunk_size` rows, so the jitted vmap(grad) compiles once. With a `mesh`
+    (`jaxinf.sharding`) chunks hold `chunk_size` rounded up to a multiple of its data axis, split over it (the
+    extra rows are padding, dropped), and the base weights are FSDP-sharded over its model axis.
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     arrays = batch_arrays(data)
     n = len(next(iter(arrays.values())))
     idx = np.arange(n) if indices is None else np.asarray(indices, np.int64).reshape(-1)
+    chunk_size = sharding.round_up(chunk_size, mesh)
+    base = sharding.shard_params(loss.model.params if isinstance(loss, LMFunctions) else None, mesh)
+    trainable = sharding.replicate(trainable, mesh)
     for s in range(0, len(idx), chunk_size):
         rows = idx[s:s + chunk_size]
-        base = loss.model.params if isinstance(loss, LMFunctions) else None
-        grads = _chunk_grads(loss, base, trainable, _padded_chunk(arrays, rows, chunk_size), flatten)
+        chunk = sharding.shard_rows(_padded_chunk(arrays, rows, chunk_size), mesh)
+        grads = _chunk_grads(loss, base, trainable, chunk, flatten)
         yield rows, jax.tree.map(lambda x: x[:len(rows)], grads)
 
 
 def per_example_gradients(loss: Union[LMFunctions, ExampleLoss], trainable: PyTree, data, *, chunk_size: int = 16,
-                          indices=None, flatten: bool = True, dtype=None) -> Any:
+                          indices=None, flatten: bool = True, dtype=None, mesh=None) -> Any:
     """All per-example gradients g_n = grad_theta L_n, n in `indices` (default all rows), on the host.
 
     Returns a numpy [N, D] matrix (`flatten=True`) or a stacked pytree of numpy leaves [N, ...]. `dtype`
     (e.g. np.float32 / np.float64) casts the result; the computation runs in the parameters' dtype (load the
-    model in float64 under `jax.enable_x64(True)` for float64 gradients).
+    model in float64 under `jax.enable_x64(True)` for float64 gradients). `mesh`: see `iter_per_example_gradients`.
     """
     parts = [jax.tree.map(np.asarray, g) for _, g in
-             iter_per_example_gradients(loss, trainable, data, chunk_size=chunk_size, indices=indices, flatten=flatten)]
+             iter_per_example_gradients(loss, trainable, data, chunk_size=chunk_size, indices=indices, flatten=flatten,
+                                        mesh=mesh)]
     if not parts:
         raise ValueError("per_example_gradients: no rows")
     return _cast(jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts), dtype)
@@ -170,6 +178,7 @@ class LazyGradients:
 
     `lazy[a:b]` or `lazy[index_array]` returns the gradients of those rows as device arrays (computed in
     padded chunks of `chunk_size` with one compiled function). Nothing is cached: each access recomputes.
+    `mesh` (optional): chunks split over its data axis (see `iter_per_example_gradients`).
     """
 
     loss: Union[LMFunctions, ExampleLoss]
@@ -178,6 +187,7 @@ class LazyGradients:
     chunk_size: int = 16
     flatten: bool = True
     dtype: Any = None
+    mesh: Any = None
 
     def __post_init__(self):
         object.__setattr__(self, "data", batch_arrays(self.data))
@@ -191,6 +201,6 @@ class LazyGradients:
             raise IndexError("LazyGradients: empty selection")
         parts = [g for _, g in iter_per_example_gradients(self.loss, self.trainable, self.data,
                                                            chunk_size=self.chunk_size, indices=rows,
-                                                           flatten=self.flatten)]
+                                                           flatten=self.flatten, mesh=self.mesh)]
         out = parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs, 0), *parts)
         return out if self.dtype is None else jax.tree.map(lambda x: x.astype(self.dtype), out)

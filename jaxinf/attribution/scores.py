@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxinf import sharding
 from jaxinf.attribution.gradients import (as_matrix, flatten_rows, num_rows, take_rows,
                                           unflatten_rows)
 from jaxinf.models.loss import LMFunctions, token_nll
@@ -98,10 +99,14 @@ def _save_atomic(path: str, array: np.ndarray) -> None:
 def _block_jax(q, g, normalize_train):
     if normalize_train:
         g = g / jnp.linalg.norm(g, axis=1, keepdims=True)
-    return jnp.matmul(q, g.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.matmul(q, g.T, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))  # bfloat16: float32 sums
 
 
-def _block(q, g, normalize_train: bool) -> np.ndarray:
+def _block(q, g, normalize_train: bool, mesh=None) -> np.ndarray:
+    if mesh is not None:  # training rows split over the data axis, queries replicated
+        g, n = sharding.shard_padded_rows(jnp.asarray(g), mesh)
+        return np.asarray(_block_jax(sharding.replicate(jnp.asarray(q), mesh), g, normalize_train))[:, :n]
     if isinstance(q, np.ndarray) and isinstance(g, np.ndarray):
         if normalize_train:
             g = g / np.linalg.norm(g, axis=1, keepdims=True)
@@ -110,7 +115,8 @@ def _block(q, g, normalize_train: bool) -> np.ndarray:
 
 
 def pairwise_scores(query, train, *, chunk_size: Optional[int] = None, out_dir: Optional[str] = None,
-                    progress: bool = True, normalize_train: bool = False, desc: str = "scores") -> np.ndarray:
+                    progress: bool = True, normalize_train: bool = False, desc: str = "scores",
+                    mesh=None) -> np.ndarray:
     """S[q, n] = <query_q, g_n>, streamed over chunks of training rows; returns numpy [Q, N].
 
     query: [Q, D] matrix or stacked pytree (usually P g_q from `precondition_queries`).
@@ -119,6 +125,8 @@ def pairwise_scores(query, train, *, chunk_size: Optional[int] = None, out_dir: 
     out_dir: if given, each chunk's columns go to `chunk_path(out_dir, start, stop)` (atomic write) with a
       `meta.json` fingerprint of the queries; chunks already there are loaded instead of recomputed (resume).
     normalize_train: divide each g_n by ||g_n|| first (for cosine scores).
+    mesh: optional device mesh (``jaxinf.sharding``): each chunk's training rows are split over its data axis, queries
+      replicated (build a `LazyGradients` with the same mesh to compute its rows there too); the same scores.
     """
     q = as_matrix(query)
     n = num_rows(train)
@@ -145,7 +153,7 @@ def pairwise_scores(query, train, *, chunk_size: Optional[int] = None, out_dir: 
                 g = as_matrix(take_rows(train, slice(start, stop)))
                 if g.shape[1] != q.shape[1]:
                     raise ValueError(f"training gradients have {g.shape[1]} entries, queries {q.shape[1]}")
-                block = _block(q, g, normalize_train)
+                block = _block(q, g, normalize_train, mesh)
                 if path is not None:
                     _save_atomic(path, block)
             blocks.append(block)

@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf import sharding
 from jaxinf.curvature.capture import Layer, base_params, capture_with_losses, lm_layers, select_layers
 
 if TYPE_CHECKING:
@@ -338,6 +339,7 @@ def fit_factors(
     stop_after: Optional[int] = None,
     timings: Optional[dict] = None,
     eigh_on_device: Optional[bool] = None,
+    mesh=None,
 ) -> KFACFactors:
     """Fit A, S (and, if ``correct``, the EK-FAC eigenvalues) over the ordered list ``batches``.
 
@@ -352,6 +354,9 @@ def fit_factors(
       timings: optional dict, filled with the wall-clock seconds of each stage run by this call.
       eigh_on_device: float64 eigendecomposition with jnp on the default device instead of numpy on the host;
         default: on the device when it is not a CPU.
+      mesh: optional device mesh (``jaxinf.sharding``): every batch, padded with rows whose attention and loss
+        masks are 0 (they add exactly zero to every sum) to a multiple of the data axis, is split over that axis;
+        the per-device partial sums are all-reduced by XLA; the base weights are FSDP-sharded over the model axis.
     """
     if fisher not in (EMPIRICAL, TRUE):
         raise ValueError(f"fisher must be {EMPIRICAL!r} or {TRUE!r}, got {fisher!r}")
@@ -380,6 +385,9 @@ def fit_factors(
     acc = _acc_dtype(trainable)
     num_tokens = int(sum(int(np.asarray(token_mask(b)).sum()) for b in batches))
     num_examples = int(sum(b["input_ids"].shape[0] for b in batches)) * num_samples
+    if mesh is not None:  # counts above are of the real rows; padding rows contribute nothing to the sums
+        base, trainable = sharding.shard_params(base, mesh), sharding.replicate(trainable, mesh)
+        batches = [sharding.shard_rows(sharding.pad_rows(b, sharding.data_size(mesh))[0], mesh) for b in batches]
 
     # Stage 1: covariances.
     eig = store.load("eigen")
