@@ -140,9 +140,9 @@ def tracin_scores(loss, checkpoints: Sequence[tuple[PyTree, float]], query_data,
 POOLINGS = ("prompt_end", "response_mean")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _pooled_hidden(fns, trainable, batch, pooling):
-    _, h = fns.logits_and_hidden(trainable, batch)  # [B, T, H]
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _pooled_hidden(fns, base, trainable, batch, pooling):
+    _, h = fns.with_base(base).logits_and_hidden(trainable, batch)  # [B, T, H]; base weights are an argument
     if pooling == "prompt_end":
         return jnp.take_along_axis(h, batch["prompt_end"][:, None, None], axis=1)[:, 0]
     t = jnp.arange(h.shape[1])[None, :]
@@ -165,7 +165,7 @@ def hidden_representations(fns: LMFunctions, trainable: PyTree, data, *, pooling
         idx = np.arange(s, min(n, s + chunk_size))
         pad = np.concatenate([idx, np.full(chunk_size - len(idx), idx[-1])])  # fixed shape: compile once
         batch = {k: jnp.asarray(v[pad]) for k, v in arrays.items()}
-        out.append(np.asarray(_pooled_hidden(fns, trainable, batch, pooling))[:len(idx)])
+        out.append(np.asarray(_pooled_hidden(fns, fns.model.params, trainable, batch, pooling))[:len(idx)])
     return np.concatenate(out)
 
 

@@ -243,7 +243,8 @@ def per_token_losses(fns: LMFunctions, trainable: PyTree, batch: dict) -> jax.Ar
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _token_jvp(fns, trainable, batch, directions):
+def _token_jvp(fns, base, trainable, batch, directions):
+    fns = fns.with_base(base)  # frozen weights as an argument, not as compile-time constants
     f = lambda p: per_token_losses(fns, p, batch)  # noqa: E731
     return jax.vmap(lambda v: jax.jvp(f, (trainable,), (v,))[1])(directions)
 
@@ -266,5 +267,5 @@ def per_token_scores(fns: LMFunctions, trainable: PyTree, batch: dict, direction
             directions = jax.tree.map(lambda x: x[None], directions)
     batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
     directions = jax.tree.map(lambda x, p: jnp.asarray(x, p.dtype), directions, trainable)
-    out = np.asarray(_token_jvp(fns, trainable, batch, directions))
+    out = np.asarray(_token_jvp(fns, fns.model.params, trainable, batch, directions))
     return out[0] if single else out

@@ -20,11 +20,13 @@ def greedy_generate(fns: LMFunctions, trainable, prompt: str, *, max_new_tokens:
     length = min(len(ids) + max_new_tokens, fns.model.max_length)
     buf = np.full((1, length), tok.pad_token_id or 0, np.int32)
     buf[0, :len(ids)] = ids
-    logits_fn = jax.jit(lambda t, input_ids, mask: fns.logits(t, {"input_ids": input_ids, "attention_mask": mask}))
+    # the base weights enter as an argument: closed over, XLA would bake them in as constants (see with_base)
+    logits_fn = jax.jit(lambda base, t, input_ids, mask: fns.with_base(base).logits(
+        t, {"input_ids": input_ids, "attention_mask": mask}))
     n = len(ids)
     while n < length:
         mask = (np.arange(length) < n).astype(np.int32)[None]
-        nxt = int(jnp.argmax(logits_fn(trainable, jnp.asarray(buf), jnp.asarray(mask))[0, n - 1]))
+        nxt = int(jnp.argmax(logits_fn(fns.model.params, trainable, jnp.asarray(buf), jnp.asarray(mask))[0, n - 1]))
         buf[0, n] = nxt
         n += 1
         if nxt == tok.eos_token_id:
