@@ -83,12 +83,13 @@ def _random_batches(n: int, seq_len: int, batch_size: int, vocab: int, seed: int
     return batches
 
 
-def _gpt2_small(dtype, seed: int):
+def _gpt2_small(dtype, seed: int, **config_overrides):
+    """A randomly initialised GPT-2 (GPT-2 small unless `config_overrides`, e.g. n_layer=4, n_embd=256)."""
     import transformers
 
     from jaxinf.models.causal_lm import CausalLM
 
-    config = transformers.GPT2Config()  # GPT-2 small defaults
+    config = transformers.GPT2Config(**config_overrides)  # GPT-2 small defaults
     flax_model = transformers.FlaxGPT2LMHeadModel(config, seed=seed, dtype=dtype)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), flax_model.params)
     return CausalLM(name="gpt2-small-random", family="gpt2", config=config, module=flax_model.module,
@@ -105,6 +106,32 @@ def _setup(workload: str, dtype):
     return model, LMFunctions(model), model.params
 
 
+def measure(fns, trainable, train, query, *, layers, damping, fit_repeats, score_repeats,
+            query_batches_per_pass=None):
+    """EK-FAC fit (factors + eigendecomposition + correction) and pairwise scoring, each timed `*_repeats` times
+    (the first run includes compilation). Returns (fits, score runs, peak memory after fitting, scores [Q, N])."""
+    solver = ekfac(relative(damping))
+    fits, scores_runs = [], []
+    for _ in range(fit_repeats):
+        timings = {}
+        start = time.perf_counter()
+        factors = kfac.fit_factors(fns, trainable, train, layers=layers, timings=timings)
+        state = solver.fit(factors, trainable)
+        fits.append(dict(total_s=time.perf_counter() - start, **timings))
+        print(f"fit: {fits[-1]}", flush=True)
+    fit_memory = _peak_memory()
+    for _ in range(score_repeats):
+        start = time.perf_counter()
+        scores = contracted.pairwise_scores(fns, trainable, query, train, solver, state,
+                                            query_batches_per_pass=query_batches_per_pass)
+        elapsed = time.perf_counter() - start
+        scores_runs.append({"total_s": elapsed, "pairs_per_s": scores.size / elapsed})
+        print(f"score: {scores_runs[-1]}", flush=True)
+    if not np.all(np.isfinite(scores)):
+        raise RuntimeError("non-finite scores")
+    return fits, scores_runs, fit_memory, scores
+
+
 def main(argv):
     del argv
     runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
@@ -117,26 +144,9 @@ def main(argv):
     vocab = int(model.config.vocab_size)
     train = _random_batches(FLAGS.n_train, FLAGS.seq_len, FLAGS.batch_size, vocab, FLAGS.seed + 1)
     query = _random_batches(FLAGS.n_query, FLAGS.seq_len, FLAGS.batch_size, vocab, FLAGS.seed + 2)
-    solver = ekfac(relative(FLAGS.damping))
-
-    fits, scores_runs = [], []
-    for _ in range(FLAGS.fit_repeats):
-        timings = {}
-        start = time.perf_counter()
-        factors = kfac.fit_factors(fns, trainable, train, layers=layers, timings=timings)
-        state = solver.fit(factors, trainable)
-        fits.append(dict(total_s=time.perf_counter() - start, **timings))
-        print(f"fit: {fits[-1]}", flush=True)
-    fit_memory = _peak_memory()
-    for _ in range(FLAGS.score_repeats):
-        start = time.perf_counter()
-        scores = contracted.pairwise_scores(fns, trainable, query, train, solver, state,
-                                            query_batches_per_pass=FLAGS.query_batches_per_pass or None)
-        elapsed = time.perf_counter() - start
-        scores_runs.append({"total_s": elapsed, "pairs_per_s": scores.size / elapsed})
-        print(f"score: {scores_runs[-1]}", flush=True)
-    if not np.all(np.isfinite(scores)):
-        raise RuntimeError("non-finite scores")
+    fits, scores_runs, fit_memory, scores = measure(
+        fns, trainable, train, query, layers=layers, damping=FLAGS.damping, fit_repeats=FLAGS.fit_repeats,
+        score_repeats=FLAGS.score_repeats, query_batches_per_pass=FLAGS.query_batches_per_pass or None)
 
     result = {
         "workload": FLAGS.workload,

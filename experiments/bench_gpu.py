@@ -1,0 +1,222 @@
+r"""One accelerator benchmark, three parts, one JSON: GPT-2 small EK-FAC, a Llama-7B-geometry LoRA, the study binary.
+
+    python -m experiments.bench_gpu                                     # the full sizes (~10 min on one H100/H200)
+    python -m experiments.bench_gpu --parts=gpt2 --dtype=bfloat16
+    python -m experiments.bench_gpu --toy --out=/tmp/bench_gpu.json     # seconds on a CPU (what the test runs)
+
+(a) gpt2: GPT-2 small (random weights; `experiments.bench_ekfac`'s workload, flags and timing loop), EK-FAC over
+    all 48 linear layers (full parameters), empirical Fisher, relative damping --damping, --n_train x --n_query
+    sequences of --seq_len random tokens in batches of --batch_size, model in --dtype. Fit = covariance pass + float64 eigendecomposition + eigenvalue correction;
+    score = query gradients -> EK-FAC preconditioning -> contraction with the captured training layers. The
+    reference for the full sizes (1000 x 100 x 512): kronfluence 1.0.1 on an H100, 51.7 s fit + 29.9 s score in
+    float32, 47.3 s + 14.4 s in bfloat16, 35-42 GiB.
+(b) llama7b: the Llama-2-7B geometry (32 layers, width 4096, MLP 11008, 32 heads, vocabulary 32000) with random
+    weights N(0, 0.02) in --llama_dtype (bfloat16) made directly on the device, LoRA rank 8 on q_proj and v_proj
+    (B ~ N(0, 0.01) so every adapter has a gradient): per-example LoRA gradients of the training rows (streamed
+    and discarded: throughput), EK-FAC fit over the 128 adapter matrices, --llama_query x --llama_train scores.
+(c) study: `python -m experiments.attribute --preset=paper` on --study_data in a fresh workdir (wall seconds).
+
+Every part reports wall seconds per phase (first run includes compilation unless the persistent compilation
+cache is warm; --fit_repeats / --score_repeats > 1 add warm runs) and the device's peak_bytes_in_use (accelerators) / the process's
+maximum RSS. The parts run in one process, so the peak device memory of a later part includes nothing freed
+late by an earlier one only if the allocator returned it: run one --parts at a time for clean peaks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments import bench_ekfac
+from jaxinf import attribution, recipes, runtime
+from jaxinf.curvature import capture
+from jaxinf.models import LMFunctions, LoraConfig, init_adapters, param_count
+
+FLAGS = flags.FLAGS
+# bench_ekfac's flags are this binary's too (one workload code): --n_train, --n_query, --seq_len, --batch_size,
+# --dtype size part (a); --damping, --seed, --lora_rank, --query_batches_per_pass, --fit_repeats and
+# --score_repeats apply to (a) and (b). Defaults here: the full sizes, one run of each phase.
+for _name, _value in (("n_train", 1000), ("n_query", 100), ("seq_len", 512), ("batch_size", 8), ("fit_repeats", 1),
+                      ("score_repeats", 1), ("out", "results/bench_gpu.json")):
+    FLAGS.set_default(_name, _value)
+flags.DEFINE_list("parts", ["gpt2", "llama7b", "study"], "which of gpt2, llama7b, study to run")
+flags.DEFINE_bool("toy", False, "tiny sizes of every part (a CPU test in seconds); overrides the size flags")
+flags.DEFINE_enum("llama_dtype", "bfloat16", ["float32", "bfloat16"], "Llama weights' dtype")
+flags.DEFINE_integer("llama_train", 1000, "Llama training sequences")
+flags.DEFINE_integer("llama_query", 100, "Llama query sequences")
+flags.DEFINE_integer("llama_seq_len", 512, "Llama tokens per sequence")
+flags.DEFINE_integer("llama_batch", 8, "Llama sequences per batch (fitting, scoring, per-example gradients)")
+flags.DEFINE_string("study_data", "../shared/paper_datasets/backdoor", "study dataset for part (c)")
+flags.DEFINE_string("study_args", "", "extra arguments for the study binary, e.g. '--limit_train=100'")
+
+LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                rope_theta=10000.0, tie_word_embeddings=False)
+LLAMA_TOY = dict(LLAMA_7B, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+GPT2_TOY = dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+
+
+def _device_memory() -> dict:
+    return bench_ekfac._peak_memory()
+
+
+def random_llama(config_kwargs: dict, dtype, seed: int):
+    """A Llama `CausalLM` with random weights N(0, 0.02) (norm scales 1) made on the device in `dtype`: no host
+    copy and no float32 initialisation (7B parameters in bfloat16 are 13.5 GB)."""
+    import transformers
+
+    from jaxinf.models.causal_lm import CausalLM
+
+    config = transformers.LlamaConfig(**config_kwargs)
+    module = transformers.FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False).module
+    ids = jnp.zeros((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), ids, jnp.ones_like(ids),
+                                                jnp.arange(8)[None])["params"])
+    leaves, treedef = jax.tree.flatten_with_path(shapes)
+
+    @jax.jit
+    def make(key):
+        out = []
+        for i, (path, leaf) in enumerate(leaves):
+            if "norm" in jax.tree_util.keystr(path):
+                out.append(jnp.ones(leaf.shape, dtype))
+            else:
+                out.append((0.02 * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)).astype(dtype))
+        return jax.tree.unflatten(treedef, out)
+
+    params = make(jax.random.key(seed))
+    return CausalLM(name="llama-7b-geometry-random" if config.hidden_size == 4096 else "llama-toy-random",
+                    family="llama", config=config, module=module, params=params, tokenizer=None)
+
+
+def part_gpt2(sizes: dict) -> dict:
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
+    model = bench_ekfac._gpt2_small(dtype, FLAGS.seed, **sizes.get("gpt2_config", {}))
+    fns, trainable = LMFunctions(model), model.params
+    layers = capture.lm_layers(fns, trainable)
+    vocab = int(model.config.vocab_size)
+    train = bench_ekfac._random_batches(sizes["gpt2_train"], sizes["gpt2_seq_len"], sizes["gpt2_batch"], vocab,
+                                        FLAGS.seed + 1)
+    query = bench_ekfac._random_batches(sizes["gpt2_query"], sizes["gpt2_seq_len"], sizes["gpt2_batch"], vocab,
+                                        FLAGS.seed + 2)
+    fits, scores_runs, fit_memory, scores = bench_ekfac.measure(
+        fns, trainable, train, query, layers=layers, damping=FLAGS.damping, fit_repeats=FLAGS.fit_repeats,
+        score_repeats=FLAGS.score_repeats, query_batches_per_pass=FLAGS.query_batches_per_pass or None)
+    return {"model": model.name, "dtype": FLAGS.dtype, "layers": len(layers), "params": param_count(trainable),
+            "sizes": {k: sizes[k] for k in ("gpt2_train", "gpt2_query", "gpt2_seq_len", "gpt2_batch")},
+            "fit": fits, "score": scores_runs, "scores_shape": list(scores.shape),
+            "memory_after_fit": fit_memory, "memory_after_score": _device_memory(),
+            "reference_kronfluence_h100": {"float32": {"fit_s": 51.7, "score_s": 29.9},
+                                           "bfloat16": {"fit_s": 47.3, "score_s": 14.4}, "peak_gib": [35, 42]}}
+
+
+def part_llama(sizes: dict) -> dict:
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.llama_dtype]
+    start = time.perf_counter()
+    model = random_llama(sizes["llama_config"], dtype, FLAGS.seed)
+    jax.block_until_ready(model.params)
+    init_s = time.perf_counter() - start
+    lora = LoraConfig(rank=FLAGS.lora_rank, alpha=2.0 * FLAGS.lora_rank)
+    adapters = init_adapters(jax.random.key(FLAGS.seed), model, lora, b_std=0.01)
+    fns = LMFunctions(model, lora)
+    layers = capture.lm_layers(fns, adapters)
+    vocab = int(model.config.vocab_size)
+    n, q, t, b = (sizes[k] for k in ("llama_train", "llama_query", "llama_seq_len", "llama_batch"))
+    train = bench_ekfac._random_batches(n, t, b, vocab, FLAGS.seed + 1)
+    query = bench_ekfac._random_batches(q, t, b, vocab, FLAGS.seed + 2)
+    grad_runs = []
+    for _ in range(FLAGS.fit_repeats):  # per-example LoRA gradients of every training row, streamed (not kept)
+        start = time.perf_counter()
+        arrays = {k: np.concatenate([np.asarray(x[k]) for x in train]) for k in train[0]}
+        last = None
+        for _, g in attribution.iter_per_example_gradients(fns, adapters, arrays, chunk_size=b):
+            last = g
+        jax.block_until_ready(last)
+        elapsed = time.perf_counter() - start
+        grad_runs.append({"total_s": elapsed, "rows_per_s": n / elapsed})
+        print(f"per-example gradients: {grad_runs[-1]}", flush=True)
+    grad_memory = _device_memory()
+    fits, scores_runs, fit_memory, scores = bench_ekfac.measure(
+        fns, adapters, train, query, layers=layers, damping=FLAGS.damping, fit_repeats=FLAGS.fit_repeats,
+        score_repeats=FLAGS.score_repeats, query_batches_per_pass=FLAGS.query_batches_per_pass or None)
+    return {"model": model.name, "dtype": FLAGS.llama_dtype, "base_params": param_count(model.params),
+            "lora": {"rank": lora.rank, "targets": list(lora.targets), "params": param_count(adapters)},
+            "layers": len(layers), "sizes": {"train": n, "query": q, "seq_len": t, "batch": b},
+            "init_s": init_s, "per_example_gradients": grad_runs, "memory_after_gradients": grad_memory,
+            "fit": fits, "score": scores_runs, "scores_shape": list(scores.shape),
+            "memory_after_fit": fit_memory, "memory_after_score": _device_memory()}
+
+
+def part_study(extra_args: str) -> dict:
+    with tempfile.TemporaryDirectory() as workdir:
+        cmd = [sys.executable, "-m", "experiments.attribute", "--preset=paper", f"--data={FLAGS.study_data}",
+               f"--workdir={workdir}", f"--seed={FLAGS.seed}"] + shlex.split(extra_args)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"study binary failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        with open(os.path.join(workdir, "results.json")) as f:
+            results = json.load(f)
+    methods = {m: {"seconds": d.get("seconds"), "auc": (d.get("auc") or {}).get("value")}
+               for m, d in results["methods"].items() if "error" not in d}
+    return {"command": " ".join(cmd[1:]).replace(workdir, "<tmp>"), "wall_s": seconds,
+            "n_train": results["n_train"], "n_test": results["n_test"], "methods": methods,
+            "failed": [m for m, d in results["methods"].items() if "error" in d]}
+
+
+def main(argv):
+    del argv
+    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
+    unknown = [p for p in FLAGS.parts if p not in ("gpt2", "llama7b", "study")]
+    if unknown:
+        raise app.UsageError(f"--parts: unknown {unknown}; choose from gpt2, llama7b, study")
+    if FLAGS.toy:
+        sizes = dict(gpt2_train=8, gpt2_query=4, gpt2_seq_len=16, gpt2_batch=4, gpt2_config=GPT2_TOY,
+                     llama_train=8, llama_query=4, llama_seq_len=16, llama_batch=4, llama_config=LLAMA_TOY)
+        study_args = "--model=tiny-llama --data=backdoor --limit_train=8 --limit_test=4 --epochs=1 " \
+                     "--methods=grad_dot,ekfac --bootstrap=10 " + FLAGS.study_args
+    else:
+        sizes = dict(gpt2_train=FLAGS.n_train, gpt2_query=FLAGS.n_query, gpt2_seq_len=FLAGS.seq_len,
+                     gpt2_batch=FLAGS.batch_size, **{k: FLAGS[k].value for k in (
+                         "llama_train", "llama_query", "llama_seq_len", "llama_batch")})
+        sizes["llama_config"] = LLAMA_7B
+        study_args = FLAGS.study_args
+    result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+              "jax": jax.__version__, "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
+              "toy": FLAGS.toy, "compilation_cache": runtime.compilation_cache_dir(), "parts": {}}
+    for part in FLAGS.parts:
+        start = time.perf_counter()
+        if part == "gpt2":
+            out = part_gpt2(sizes)
+        elif part == "llama7b":
+            out = part_llama(sizes)
+        else:
+            out = part_study(study_args)
+        out["part_wall_s"] = time.perf_counter() - start
+        result["parts"][part] = out
+        print(f"{part}: {out['part_wall_s']:.1f} s", flush=True)
+    existing = {}
+    if os.path.exists(FLAGS.out):
+        with open(FLAGS.out) as f:
+            existing = json.load(f)
+    key = f"{result['device']}/{'toy' if FLAGS.toy else 'full'}/{','.join(FLAGS.parts)}/gpt2-{FLAGS.dtype}"
+    existing[key] = result
+    recipes.write_json(FLAGS.out, existing)
+    print(json.dumps(result, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    app.run(main)
