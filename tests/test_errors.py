@@ -133,6 +133,7 @@ def binary_report(tmp_path_factory):
         "prompt_column_hint": [f"--data={other_cols}", "--test_fraction=0.25"],
         "other_settings": ["--data=backdoor", "--limit_train=8", "--lr=0.5"],
         "nonfinite": ["--data=backdoor", "--limit_train=8", "--lr=inf", "--workdir=" + str(d / "nan")],
+        "saturated": ["--data=backdoor", "--limit_train=8", "--lr=1e9", "--steps=4", "--workdir=" + str(d / "sat")],
     }
     report_path = d / "report.json"
     proc = subprocess.run([sys.executable, "-c", DRIVER], cwd=ROOT, capture_output=True, text=True,
@@ -140,7 +141,10 @@ def binary_report(tmp_path_factory):
                                    REPORT=str(report_path)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(report_path) as f:
-        return json.load(f)
+        report = json.load(f)
+    with open(d / "sat" / "health.json") as f:
+        report["saturated"]["health"] = json.load(f)
+    return report
 
 
 EXPECTED = {  # each message names the file and line/row, the field and the fix
@@ -157,6 +161,16 @@ EXPECTED = {  # each message names the file and line/row, the field and the fix
     "other_settings": r"holds a run with other settings .*lr",
     "nonfinite": r"non-finite training at step 2 \(loss=nan.*last good checkpoint is step 0 in .*nan/checkpoints",
 }
+
+
+def test_binary_reports_a_saturated_run_in_health_json(binary_report):
+    """The issue's lr=1e9 fine-tune: it runs to the end (no error) but health.json flags the vanished gradient and
+    the adapters' distance from init (before, nothing warned)."""
+    got = binary_report["saturated"]
+    assert got["error"] is None and got.get("other") is None, got
+    h = got["health"]
+    assert h["vanishing_gradient"] and h["far_from_init"] and not h["ok"], h
+    assert h["last_grad_norm"] == 0.0 and h["dist_from_init"] > 1e6 * h["init_norm"]
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
