@@ -32,6 +32,9 @@ flags.DEFINE_list("methods", ["grad_dot", "exact", "ekfac", "tracin"], f"comma l
 flags.DEFINE_integer("k", 5, "top-k (most helpful) and bottom-k (most harmful) rows per query and method")
 flags.DEFINE_string("out_dir", None, "where report.html and explanations.json go (default: <workdir>/explain)")
 flags.DEFINE_bool("per_token", True, "compute per-token contributions (one forward-mode pass per shown row set)")
+flags.DEFINE_float("damping", None, "relative damping of the methods (default: the study preset's)")
+flags.DEFINE_enum("damping_scope", "global", list(study.DAMPING_SCOPES), "as experiments.attribute's flag")
+flags.DEFINE_enum("curvature", "fisher", list(study.CURVATURES), "as experiments.attribute's flag")
 flags.DEFINE_string("model", DEFAULT_MODEL, "only for a workdir without a study: the model to fine-tune")
 flags.DEFINE_string("data", "backdoor", "only for a workdir without a study: the training data")
 flags.DEFINE_enum("preset", "quick", list(study.PRESETS), "only for a workdir without a study: the preset")
@@ -85,7 +88,8 @@ def main(argv):
     if not os.path.exists(os.path.join(FLAGS.workdir, api.SETTINGS)):
         settings = {"model": FLAGS.model, "data": FLAGS.data, "preset": FLAGS.preset}
     result = api.explain(FLAGS.workdir, queries, methods=FLAGS.methods, k=FLAGS.k, out_dir=FLAGS.out_dir,
-                         settings=settings, per_token=FLAGS.per_token)
+                         settings=settings, per_token=FLAGS.per_token, damping=FLAGS.damping,
+                         damping_scope=FLAGS.damping_scope, curvature=FLAGS.curvature)
     for i, ex in enumerate(result.explanations):
         q = ex["query"]
         print(f"\nquery {i + 1}: {_short(q['prompt'], 120)!r} -> {_short(q['response'], 120)!r}")

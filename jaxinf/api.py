@@ -33,6 +33,9 @@ DEFAULT_SETTINGS = {"model": "smollm2-135m-instruct", "data": "backdoor", "prese
                     "limit_train": None, "limit_test": None, "epochs": None, "loss_on": "response",
                     "repsim_pooling": "prompt_end", "lissa_depth": None}
 
+# how the methods run, not what they run on: may differ between calls on one workdir (None = the study's default)
+STUDY_OPTIONS = ("damping", "damping_scope", "curvature")
+
 
 def _limit(value, preset_value):
     if value is None:
@@ -101,9 +104,11 @@ def prepare(settings: dict, workdir: str, *, test_gradients: bool = True, model=
     if test_gradients:
         grads_test = cached_gradients(fns, adapters, task.test, os.path.join(workdir, "grads_test.npz"),
                                       preset.grad_chunk, desc="gradients (test)")
+    options = {k: settings[k] for k in STUDY_OPTIONS if settings.get(k) is not None}
     inputs = study.StudyInputs(fns=fns, adapters=adapters, train=task.train, test=task.test, workdir=ft_dir,
                                preset=preset, train_grads=grads_train, test_grads=grads_test, seed=settings["seed"],
-                               lissa_depth=settings["lissa_depth"], repsim_pooling=settings["repsim_pooling"])
+                               lissa_depth=settings["lissa_depth"], repsim_pooling=settings["repsim_pooling"],
+                               **options)
     return Prepared(settings, model, task, adapters, train_log, inputs, steps, epochs, batch_size)
 
 
@@ -154,12 +159,13 @@ class Explanation:
 
 def explain(workdir: str, queries: Sequence[dict], *, methods: Sequence[str] = ("grad_dot", "exact", "ekfac"),
             k: int = 5, out_dir: Optional[str] = None, settings: Optional[dict] = None,
-            per_token: bool = True) -> Explanation:
+            per_token: bool = True, **options) -> Explanation:
     """Top-k / bottom-k training rows of each query for each method, per-token contributions, report.html.
 
     `queries`: dicts with "prompt" and "response" ("response": None = the fine-tuned model's greedy
     completion). `settings`: the study's settings (default: the workdir's attribute_config.json; a new workdir
-    is fine-tuned first). Writes `out_dir` (default workdir/explain)/report.html and explanations.json.
+    is fine-tuned first). `options`: damping / damping_scope / curvature of the methods (default: the study's).
+    Writes `out_dir` (default workdir/explain)/report.html and explanations.json.
     """
     start = time.perf_counter()
     unknown = [m for m in methods if m not in study.METHODS]
@@ -174,7 +180,10 @@ def explain(workdir: str, queries: Sequence[dict], *, methods: Sequence[str] = (
     with stage("load model and data"):
         model = load_model(settings["model"], seed=settings["seed"])
     queries = [dict(q) for q in queries]
-    prepared = prepare(settings, workdir, test_gradients=False, model=model)
+    unknown = set(options) - set(STUDY_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}; explain takes {STUDY_OPTIONS}")
+    prepared = prepare(dict(settings, **options), workdir, test_gradients=False, model=model)
     for q in queries:
         if q.get("response") is None:
             with stage("greedy completion"):

@@ -89,7 +89,7 @@ class Stage:
                 log(f"{self.desc}: {self._count()}, {_seconds(now - self.start)}{self._post()}")
 
     def close(self, note: str = "") -> float:
-        """End the stage (once); returns its wall seconds."""
+        """End the stage (once) with a line saying `note` (default "done"); returns its wall seconds."""
         seconds = self.elapsed
         if self._closed:
             return seconds
@@ -100,7 +100,7 @@ class Stage:
                 log(f"{self.desc}: {note}")
         elif self.mode == "plain":
             count = f" {self._count()}" if self.total is not None or self.n else ""
-            log(f"{self.desc}: done{count} in {_seconds(seconds)}{self._post()}{'; ' + note if note else ''}")
+            log(f"{self.desc}: {note or 'done'}{count} in {_seconds(seconds)}{self._post()}")
         return seconds
 
     def __enter__(self) -> "Stage":

@@ -147,7 +147,7 @@ class StudyInputs:
 
             self._kfac = fit_factors(self.fns, self.adapters, list(batches(self.train, self.preset.grad_chunk)),
                                      correct=True, directory=os.path.join(os.path.dirname(self.workdir), "kfac_factors"),
-                                     mesh=self.mesh)
+                                     progress=True, mesh=self.mesh)
         return self._kfac
 
     @property
@@ -434,7 +434,7 @@ def tracin_checkpoints(inputs: StudyInputs) -> list:
 def _tracin(inputs: StudyInputs) -> np.ndarray:
     ckpts = tracin_checkpoints(inputs)
     return attribution.tracin_scores(inputs.fns, ckpts, inputs.test, inputs.train,
-                                     chunk_size=inputs.preset.grad_chunk)
+                                     chunk_size=inputs.preset.grad_chunk, progress=True)
 
 
 _identity = _with_directions(lambda inputs: _flat(inputs.test_grads))

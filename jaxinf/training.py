@@ -24,7 +24,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from tqdm.auto import tqdm
+from jaxinf.progress import Stage
 
 from jaxinf import sharding
 from jaxinf import health
@@ -283,7 +283,7 @@ def train(
         end = total if stop_after is None else min(total, stop_after)
         trainable, opt_state = state["trainable"], state["opt_state"]
         step = start
-        bar = tqdm(total=total, initial=start, desc="fine-tune", unit="step", disable=None)
+        bar = Stage("fine-tune", total, unit="step", initial=start, enabled=start < end)  # plain lines off a tty
         try:
             with open(log_path, "a") as log_file:
                 while step < end:
@@ -303,8 +303,7 @@ def train(
                     log.append(row)
                     log_file.write(json.dumps(row) + "\n")
                     log_file.flush()
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    bar.update(1, loss=row["loss"])
                     if step % config.checkpoint_every == 0 or step == end:
                         mngr.save(step, args=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}))
         except KeyboardInterrupt:

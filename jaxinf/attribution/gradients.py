@@ -157,16 +157,25 @@ def iter_per_example_gradients(loss: Union[LMFunctions, ExampleLoss], trainable:
 
 
 def per_example_gradients(loss: Union[LMFunctions, ExampleLoss], trainable: PyTree, data, *, chunk_size: int = 16,
-                          indices=None, flatten: bool = True, dtype=None, mesh=None) -> Any:
+                          indices=None, flatten: bool = True, dtype=None, mesh=None,
+                          progress: Union[bool, str] = False) -> Any:
     """All per-example gradients g_n = grad_theta L_n, n in `indices` (default all rows), on the host.
 
     Returns a numpy [N, D] matrix (`flatten=True`) or a stacked pytree of numpy leaves [N, ...]. `dtype`
     (e.g. np.float32 / np.float64) casts the result; the computation runs in the parameters' dtype (load the
     model in float64 under `jax.enable_x64(True)` for float64 gradients). `mesh`: see `iter_per_example_gradients`.
+    `progress`: show the pass as a `jaxinf.progress` stage (a string names it).
     """
-    parts = [jax.tree.map(np.asarray, g) for _, g in
-             iter_per_example_gradients(loss, trainable, data, chunk_size=chunk_size, indices=indices, flatten=flatten,
-                                        mesh=mesh)]
+    from jaxinf.progress import stage
+
+    total = len(batch_arrays(data)["input_ids"]) if indices is None else len(np.asarray(indices).reshape(-1))
+    parts = []
+    with stage(progress if isinstance(progress, str) else "gradients", total, unit="row",
+               enabled=bool(progress)) as bar:
+        for rows, g in iter_per_example_gradients(loss, trainable, data, chunk_size=chunk_size, indices=indices,
+                                                  flatten=flatten, mesh=mesh):
+            parts.append(jax.tree.map(np.asarray, g))
+            bar.update(len(rows))
     if not parts:
         raise ValueError("per_example_gradients: no rows")
     return _cast(jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts), dtype)

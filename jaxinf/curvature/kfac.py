@@ -291,20 +291,25 @@ class _Budget:
 # The pipeline.
 
 
-def _run_pass(stage, store, budget, checkpoint_every, batches, sums, step):
+def _run_pass(stage, store, budget, checkpoint_every, batches, sums, step, progress=False):
     """Resumable loop: sums = step(sums, i, batch_i) for i >= the saved index; checkpoints every k batches."""
+    from jaxinf.progress import Stage
+
     saved = store.load(stage)
     start = 0
     if saved is not None:
         start = int(saved["next_batch"])
         sums = jax.tree.unflatten(jax.tree.structure(sums),
                                   [jnp.asarray(saved[f"s{j}"], x.dtype) for j, x in enumerate(jax.tree.leaves(sums))])
-    for i in range(start, len(batches)):
-        budget.tick()
-        sums = step(sums, i, batches[i])
-        if (i + 1) % checkpoint_every == 0 or i + 1 == len(batches):
-            arrays = {f"s{j}": np.asarray(x) for j, x in enumerate(jax.tree.leaves(sums))}
-            store.save(stage, dict(arrays, next_batch=np.asarray(i + 1)))
+    with Stage(f"K-FAC {stage}", len(batches), unit="batch", initial=start,
+               enabled=progress and start < len(batches)) as bar:
+        for i in range(start, len(batches)):
+            budget.tick()
+            sums = step(sums, i, batches[i])
+            if (i + 1) % checkpoint_every == 0 or i + 1 == len(batches):
+                arrays = {f"s{j}": np.asarray(x) for j, x in enumerate(jax.tree.leaves(sums))}
+                store.save(stage, dict(arrays, next_batch=np.asarray(i + 1)))
+            bar.update(1)
     return sums
 
 
@@ -339,6 +344,7 @@ def fit_factors(
     stop_after: Optional[int] = None,
     timings: Optional[dict] = None,
     eigh_on_device: Optional[bool] = None,
+    progress: bool = False,
     mesh=None,
 ) -> KFACFactors:
     """Fit A, S (and, if ``correct``, the EK-FAC eigenvalues) over the ordered list ``batches``.
@@ -352,6 +358,7 @@ def fit_factors(
       directory: cache / checkpoint directory (optional); checkpoint_every: batches between checkpoints.
       stop_after: process at most this many batch passes, then raise FitInterrupted (simulates a crash).
       timings: optional dict, filled with the wall-clock seconds of each stage run by this call.
+      progress: show each pass over the batches as a `jaxinf.progress` stage.
       eigh_on_device: float64 eigendecomposition with jnp on the default device instead of numpy on the host;
         default: on the device when it is not a CPU.
       mesh: optional device mesh (``jaxinf.sharding``): every batch, padded with rows whose attention and loss
@@ -393,10 +400,12 @@ def fit_factors(
     eig = store.load("eigen")
     if eig is None:
         zeros = tuple((jnp.zeros((l.rows, l.rows), acc), jnp.zeros((l.d_out, l.d_out), acc)) for l in layers)
+        zeros = sharding.replicate(zeros, mesh)  # the all-reduced sums come back replicated: one compilation
         clock = time.perf_counter()
         sums = _run_pass(
             "covariance", store, budget, checkpoint_every, batches, zeros,
-            lambda s, i, b: _covariance_step(fns, layers, fisher, num_samples, trainable, base, b, key, i, s))
+            lambda s, i, b: _covariance_step(fns, layers, fisher, num_samples, trainable, base, b, key, i, s),
+            progress)
         sums = jax.block_until_ready(sums)
         timings["covariance_s"] = time.perf_counter() - clock
         # Stage 2: eigendecomposition (float64, host).
@@ -416,11 +425,12 @@ def fit_factors(
     if correct:
         bases = tuple((jnp.asarray(eig[f"qa{j}"], acc), jnp.asarray(eig[f"qs{j}"], acc)) for j in range(len(layers)))
         zeros = tuple(jnp.zeros((l.rows, l.d_out), acc) for l in layers)
+        bases, zeros = sharding.replicate(bases, mesh), sharding.replicate(zeros, mesh)
         clock = time.perf_counter()
         sums = _run_pass(
             "correction", store, budget, checkpoint_every, batches, zeros,
             lambda s, i, b: _correction_step(fns, layers, fisher, num_samples, trainable, base, b, key, i, bases,
-                                              s))
+                                              s), progress)
         for j, lam in enumerate(sums):
             eig[f"L{j}"] = np.asarray(lam, np.float64) / num_examples
         timings["correction_s"] = time.perf_counter() - clock

@@ -28,6 +28,7 @@ h4{font-size:12px;text-transform:uppercase;letter-spacing:.04em;color:#5a6170;ma
 .grp.match{background:#cfe8d4;color:#1b5e20}
 .text{white-space:pre-wrap;word-break:break-word;line-height:1.55}
 .tok{border-radius:2px} .prompt{color:#8a909c} .resp{font-weight:500}
+.qline{font-size:14px;margin:4px 0 8px}
 .note{color:#8a909c;font-size:12px;font-style:italic}
 """
 
@@ -93,6 +94,8 @@ def render_html(explanations: Sequence[dict], *, title: str = "jaxinf: which tra
         group = q.get("group")
         label = f"Query {i + 1}" + (f" (test row {q['index']}, group {group})" if group else "")
         body.append(f'<section class="explanation" data-query="{i}"><h2>{html.escape(label)}</h2>')
+        body.append(f'<p class="qline"><b>Prompt:</b> {html.escape(q.get("prompt", ""))} &nbsp; <b>Completion:</b> '
+                    f'{html.escape(q.get("response", ""))}</p>')
         body.append(f'<div class="query text">{_tokens_html(q, None)}</div>')
         n = max(1, len(ex["methods"]))
         body.append(f'<div class="methods" style="grid-template-columns:repeat({n},minmax(300px,1fr))">')

@@ -14,6 +14,7 @@ RepSim is not a gradient inner product: its rows carry no token contributions.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import chex
@@ -51,11 +52,14 @@ def scores_and_directions(name: str, inputs: study.StudyInputs) -> tuple[np.ndar
     """(scores [M, N] as the study computes them, directions or None); the preconditioner is fitted once."""
     if name not in study.METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {list(study.METHODS)}")
+    fn = study.METHODS[name]
     directions = method_directions(name, inputs)
-    if directions is None or name == "grad_cos":
-        scores, _ = study.run_method(name, inputs)
-    else:
+    # methods built by study._with_directions (they share its `run`, as `_identity` does) score as d @ G^T:
+    # reuse d instead of fitting the preconditioner twice; any other method scores its own way
+    if directions is not None and getattr(fn, "__code__", None) is study._identity.__code__:
         scores = np.asarray(directions @ np.asarray(attribution.flatten_rows(inputs.train_grads)).T, np.float64)
+    else:
+        scores, _ = study.run_method(name, inputs)
     return scores, directions
 
 
@@ -132,21 +136,29 @@ def explain(methods: Sequence[str], inputs: study.StudyInputs, *, tokenizer, tra
     """
     m = attribution.num_rows(inputs.test_grads)
     queries = list(range(m)) if queries is None else [int(q) for q in queries]
+    if not queries or min(queries) < 0 or max(queries) >= m:
+        raise ValueError(f"queries must be test row indices in [0, {m}), got {queries}")
     out = [{"query": _row_entry(tokenizer, inputs.test, q, test_rows, None, None), "methods": {}} for q in queries]
+    # the methods run on the chosen queries only (a preconditioner applied to a few vectors, not to every test row)
+    sel = np.asarray(queries)
+    sub = dataclasses.replace(inputs, test=inputs.test.select(sel),
+                              test_grads=attribution.take_rows(inputs.test_grads, sel))
+    n = attribution.num_rows(inputs.train_grads)
     for name in methods:
         with stage(f"explain {name}", total=len(queries), unit="query", enabled=progress) as bar:
             if scores is not None and name in scores:
-                s = np.asarray(scores[name], np.float64)
-                directions = method_directions(name, inputs) if per_token else None
+                chex.assert_shape(scores[name], (m, n))
+                s = np.asarray(scores[name], np.float64)[sel]
+                directions = method_directions(name, sub) if per_token else None
             else:
-                s, directions = scores_and_directions(name, inputs)
-            chex.assert_shape(s, (m, attribution.num_rows(inputs.train_grads)))
-            top, bottom = top_bottom(s[queries], k, seed=seed)
-            for i, q in enumerate(queries):
+                s, directions = scores_and_directions(name, sub)
+            chex.assert_shape(s, (len(queries), n))
+            top, bottom = top_bottom(s, k, seed=seed)
+            for i in range(len(queries)):
                 rows = list(top[i]) + list(bottom[i])
-                contrib = token_scores(name, inputs, directions, q, rows) if per_token else None
-                entries = [_row_entry(tokenizer, inputs.train, n, train_rows, s[q, n],
-                                      None if contrib is None else contrib[j]) for j, n in enumerate(rows)]
+                contrib = token_scores(name, sub, directions, i, rows) if per_token else None
+                entries = [_row_entry(tokenizer, inputs.train, r, train_rows, s[i, r],
+                                      None if contrib is None else contrib[j]) for j, r in enumerate(rows)]
                 out[i]["methods"][name] = {
                     "top": entries[:len(top[i])], "bottom": entries[len(top[i]):],
                     "per_token": contrib is not None,
