@@ -19,11 +19,12 @@ import dataclasses
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
-from jaxinf import attribution, cli, health, recipes, runtime, study, training
+from jaxinf import attribution, cli, health, recipes, runtime, sharding, study, training
 from jaxinf.evaluation import evaluate
 from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
 
@@ -46,16 +47,22 @@ flags.DEFINE_enum("damping_scope", "global", list(study.DAMPING_SCOPES),
 flags.DEFINE_enum("curvature", "fisher", list(study.CURVATURES),
                   "fisher: empirical Fisher of the cached gradients; ggn | hessian: the model's exact operators over "
                   "the training rows for exact, cg, lissa, lanczos, arnoldi (the other methods report what they used)")
+flags.DEFINE_string("mesh", None, "device mesh for the heavy stages, e.g. data=8 or data=2,model=4 (jaxinf.sharding): "
+                    "rows split over data, frozen base weights FSDP-sharded over model; the axis sizes must multiply "
+                    "to the device count; the same numbers as one device (default: one device)")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "base weights and activations (default float32); LoRA "
+                  "adapters, their updates, gradients, K-FAC factors and scores stay float32")
 flags.DEFINE_integer("bootstrap", 1000, "bootstrap resamples over test rows for the confidence intervals")
 cli.define_data_flags()  # --data, --test_data/--test_fraction, columns, --template/--max_length/--limit_* (preset's)
 
 
-def _gradients(fns, adapters, tokenized, path, chunk):
+def _gradients(fns, adapters, tokenized, path, chunk, mesh=None):
     """Per-example gradients as a stacked pytree, cached in `path` (.npz of flat rows)."""
     if os.path.exists(path):
         flat = np.load(path)["grads"]
     else:
-        flat = np.asarray(attribution.per_example_gradients(fns, adapters, tokenized, chunk_size=chunk))
+        flat = np.asarray(attribution.per_example_gradients(fns, adapters, tokenized, chunk_size=chunk,
+                                                            mesh=mesh))
         tmp = path + ".tmp.npz"
         np.savez(tmp, grads=flat)
         os.replace(tmp, path)
@@ -111,11 +118,17 @@ def main(argv):
     os.makedirs(FLAGS.workdir, exist_ok=True)
     _check_settings(FLAGS.workdir, {k: FLAGS[k].value for k in (
         "model", "data", "preset", "seed", "limit_train", "limit_test", "epochs", "loss_on", "repsim_pooling",
-        "lissa_depth")} | _data_options())  # damping, scope and curvature key the score caches instead
+        "lissa_depth")} | _data_options() | _dtype_option())  # damping, scope and curvature key the score caches instead
 
     data = cli.task_config_from_flags(seed=FLAGS.seed, template=preset.template, max_length=preset.max_length,
                                       limit_train=preset.limit_train, limit_test=preset.limit_test)
-    model = load_model(FLAGS.model, seed=FLAGS.seed)
+    try:
+        mesh = sharding.parse_mesh(FLAGS.mesh)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    model = load_model(FLAGS.model, seed=FLAGS.seed, dtype={"bfloat16": jnp.bfloat16}.get(FLAGS.dtype, jnp.float32))
+    if mesh is not None:  # FSDP-shard the frozen weights once; every stage then uses them where they are
+        model = dataclasses.replace(model, params=sharding.shard_params(model.params, mesh))
     task = cli.load_task(model, data)  # disjoint splits; bad data end in one UsageError line
     harmful = "harmful" in set(task.train.groups.tolist())
     epochs = FLAGS.epochs or (preset.epochs_harmful if harmful and preset.epochs_harmful else preset.epochs)
@@ -129,23 +142,25 @@ def main(argv):
     with cli.user_errors():  # a non-finite loss names the step and the last good checkpoint, in one line
         adapters, log = recipes.finetune_lora(
             model, lora, task, train_config, ft_dir,
-            run_config={"data": FLAGS.data, "preset": FLAGS.preset, "loss_on": FLAGS.loss_on, **_data_options()})
+            run_config={"data": FLAGS.data, "preset": FLAGS.preset, "loss_on": FLAGS.loss_on, **_data_options()},
+            mesh=mesh)
     fns = LMFunctions(model, lora)
 
     grads_train = _gradients(fns, adapters, task.train, os.path.join(FLAGS.workdir, "grads_train.npz"),
-                             preset.grad_chunk)
+                             preset.grad_chunk, mesh)
     grads_test = _gradients(fns, adapters, task.test, os.path.join(FLAGS.workdir, "grads_test.npz"),
-                            preset.grad_chunk)
+                            preset.grad_chunk, mesh)
     inputs = study.StudyInputs(fns=fns, adapters=adapters, train=task.train, test=task.test, workdir=ft_dir,
                                preset=preset, train_grads=grads_train, test_grads=grads_test, seed=FLAGS.seed,
                                lissa_depth=FLAGS.lissa_depth, repsim_pooling=FLAGS.repsim_pooling,
-                               damping_scope=FLAGS.damping_scope, curvature=FLAGS.curvature)
+                               damping_scope=FLAGS.damping_scope, curvature=FLAGS.curvature, mesh=mesh)
     final = log[-1] if log else {}
     title = f"{model.name} on {os.path.basename(os.path.normpath(FLAGS.data))} ({FLAGS.preset}: {n_train} train, " \
             f"{len(task.test_rows)} test)"
     run_info = {
         "model": model.name, "data": FLAGS.data, "preset": FLAGS.preset, "seed": FLAGS.seed,
         "loss_on": FLAGS.loss_on, "repsim_pooling": FLAGS.repsim_pooling,
+        "dtype": FLAGS.dtype or "float32", "mesh": sharding.describe(mesh),
         "n_train": n_train, "n_test": len(task.test_rows), "seq_len": int(task.train.input_ids.shape[1]),
         "group_counts": {g: int(c) for g, c in zip(*np.unique(task.train.groups, return_counts=True))},
         "train_groups": [str(g) for g in task.train.groups], "test_groups": [str(g) for g in task.test.groups],
@@ -165,6 +180,11 @@ def _data_options() -> dict:
     before these flags existed still resume)."""
     keys = ("test_data", "test_fraction", "prompt_column", "response_column", "group_column", "template", "max_length")
     return {k: FLAGS[k].value for k in keys if FLAGS[k].value != FLAGS[k].default}
+
+
+def _dtype_option() -> dict:
+    """The model dtype as a workdir setting: None for float32, so workdirs made before --dtype existed resume."""
+    return {"dtype": None if FLAGS.dtype in (None, "float32") else FLAGS.dtype}
 
 
 def _damping_values(flag_value, preset_value) -> list:

@@ -25,6 +25,7 @@ one thread, ~30 s with two on a loaded 2-core machine).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxinf import runtime
+from jaxinf import runtime, sharding
 from jaxinf.attribution import contracted
 from jaxinf.curvature import capture, kfac
 from jaxinf.ihvp.ekfac import ekfac
@@ -57,6 +58,7 @@ flags.DEFINE_float("damping", 0.1, "relative damping: lambda_l = damping * mean 
 flags.DEFINE_integer("fit_repeats", 2, "fits (the first includes compilation; each redoes the eigendecomposition)")
 flags.DEFINE_integer("score_repeats", 2, "scoring runs (the first includes compilation)")
 flags.DEFINE_integer("seed", 0, "seed for tokens and initialisation")
+flags.DEFINE_string("mesh", None, "device mesh, e.g. data=8 or data=2,model=4 (jaxinf.sharding; default: one device)")
 flags.DEFINE_string("out", "results/bench_ekfac.json", "JSON results (appended under the workload's key)")
 
 
@@ -107,7 +109,7 @@ def _setup(workload: str, dtype):
 
 
 def measure(fns, trainable, train, query, *, layers, damping, fit_repeats, score_repeats,
-            query_batches_per_pass=None):
+            query_batches_per_pass=None, mesh=None):
     """EK-FAC fit (factors + eigendecomposition + correction) and pairwise scoring, each timed `*_repeats` times
     (the first run includes compilation). Returns (fits, score runs, peak memory after fitting, scores [Q, N])."""
     solver = ekfac(relative(damping))
@@ -115,7 +117,7 @@ def measure(fns, trainable, train, query, *, layers, damping, fit_repeats, score
     for _ in range(fit_repeats):
         timings = {}
         start = time.perf_counter()
-        factors = kfac.fit_factors(fns, trainable, train, layers=layers, timings=timings)
+        factors = kfac.fit_factors(fns, trainable, train, layers=layers, timings=timings, mesh=mesh)
         state = solver.fit(factors, trainable)
         fits.append(dict(total_s=time.perf_counter() - start, **timings))
         print(f"fit: {fits[-1]}", flush=True)
@@ -123,7 +125,7 @@ def measure(fns, trainable, train, query, *, layers, damping, fit_repeats, score
     for _ in range(score_repeats):
         start = time.perf_counter()
         scores = contracted.pairwise_scores(fns, trainable, query, train, solver, state,
-                                            query_batches_per_pass=query_batches_per_pass)
+                                            query_batches_per_pass=query_batches_per_pass, mesh=mesh)
         elapsed = time.perf_counter() - start
         scores_runs.append({"total_s": elapsed, "pairs_per_s": scores.size / elapsed})
         print(f"score: {scores_runs[-1]}", flush=True)
@@ -138,7 +140,14 @@ def main(argv):
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
     load_start = list(os.getloadavg())  # other jobs on a shared CPU skew every timing below
     t0 = time.perf_counter()
+    try:
+        mesh = sharding.parse_mesh(FLAGS.mesh)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
     model, fns, trainable = _setup(FLAGS.workload, dtype)
+    if mesh is not None and fns.lora is not None:  # FSDP-shard the frozen LoRA base once (gpt2_small: replicated)
+        model = dataclasses.replace(model, params=sharding.shard_params(model.params, mesh))
+        fns = dataclasses.replace(fns, model=model)
     load_s = time.perf_counter() - t0
     layers = capture.lm_layers(fns, trainable)
     vocab = int(model.config.vocab_size)
@@ -146,12 +155,13 @@ def main(argv):
     query = _random_batches(FLAGS.n_query, FLAGS.seq_len, FLAGS.batch_size, vocab, FLAGS.seed + 2)
     fits, scores_runs, fit_memory, scores = measure(
         fns, trainable, train, query, layers=layers, damping=FLAGS.damping, fit_repeats=FLAGS.fit_repeats,
-        score_repeats=FLAGS.score_repeats, query_batches_per_pass=FLAGS.query_batches_per_pass or None)
+        score_repeats=FLAGS.score_repeats, query_batches_per_pass=FLAGS.query_batches_per_pass or None, mesh=mesh)
 
     result = {
         "workload": FLAGS.workload,
         "model": model.name,
         "dtype": FLAGS.dtype,
+        "mesh": sharding.describe(mesh),
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.devices()[0].platform,
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(),

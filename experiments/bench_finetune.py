@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxinf import recipes, runtime, training
+from jaxinf import recipes, runtime, sharding, training
 from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model, param_count
 
 FLAGS = flags.FLAGS
@@ -24,6 +24,7 @@ flags.DEFINE_integer("seq_len", 64, "tokens per row")
 flags.DEFINE_integer("steps", 5, "timed steps after the compiling one")
 flags.DEFINE_integer("lora_rank", 4, "LoRA rank")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and activation dtype")
+flags.DEFINE_string("mesh", None, "device mesh, e.g. data=8 or data=2,model=4 (jaxinf.sharding; default: one device)")
 flags.DEFINE_string("out", "results/bench_finetune.json", "JSON output path")
 
 
@@ -31,17 +32,22 @@ def main(argv):
     del argv
     runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
+    try:
+        mesh = sharding.parse_mesh(FLAGS.mesh)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
     model = load_model(FLAGS.model, dtype=dtype)
     lora = LoraConfig(rank=FLAGS.lora_rank)
     fns = LMFunctions(model, lora)
-    adapters = init_adapters(jax.random.key(0), model, lora)
+    adapters = sharding.replicate(init_adapters(jax.random.key(0), model, lora), mesh)
     config = training.TrainConfig(steps=FLAGS.steps + 1, batch_size=FLAGS.batch_size, lr=1e-4)
     optimizer = training.make_optimizer(config, FLAGS.steps + 1)
-    step = training.make_train_step(fns, optimizer, grad_accum=1)
+    step = training.make_train_step(fns, optimizer, grad_accum=1, mesh=mesh)
     rng = np.random.default_rng(0)
     shape = (FLAGS.batch_size, FLAGS.seq_len)
     batch = {"input_ids": jnp.asarray(rng.integers(0, model.config.vocab_size, shape), jnp.int32),
              "attention_mask": jnp.ones(shape, jnp.int32), "loss_mask": jnp.ones(shape, jnp.float32)}
+    batch = sharding.shard_rows(batch, mesh, "--batch_size")
     opt_state = optimizer.init(adapters)
     t0 = time.perf_counter()
     state = step(adapters, opt_state, adapters, batch, jax.random.key(0))
@@ -55,7 +61,8 @@ def main(argv):
         times.append(time.perf_counter() - t0)
     tokens = FLAGS.batch_size * FLAGS.seq_len
     result = {
-        "model": model.name, "dtype": FLAGS.dtype, "device": str(jax.devices()[0].device_kind),
+        "model": model.name, "dtype": FLAGS.dtype, "mesh": sharding.describe(mesh),
+        "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(), "cpu": platform.processor() or platform.machine(),
         "base_params": param_count(model.params), "lora_params": param_count(adapters),
         "batch_size": FLAGS.batch_size, "seq_len": FLAGS.seq_len, "first_step_s": compile_s,

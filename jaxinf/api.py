@@ -21,6 +21,7 @@ import os
 import time
 from typing import Any, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxinf import attribution, recipes, report, study, training
@@ -31,10 +32,15 @@ SETTINGS = "attribute_config.json"
 # settings of a study workdir and their defaults (a key absent from an older attribute_config.json = its default)
 DEFAULT_SETTINGS = {"model": "smollm2-135m-instruct", "data": "backdoor", "preset": "quick", "seed": 0,
                     "limit_train": None, "limit_test": None, "epochs": None, "loss_on": "response",
-                    "repsim_pooling": "prompt_end", "lissa_depth": None}
+                    "repsim_pooling": "prompt_end", "lissa_depth": None, "dtype": None}
 
 # how the methods run, not what they run on: may differ between calls on one workdir (None = the study's default)
 STUDY_OPTIONS = ("damping", "damping_scope", "curvature")
+
+
+def model_dtype(settings: dict):
+    """The study model's dtype: settings["dtype"] ("bfloat16"; None = float32, the study binary's --dtype)."""
+    return jnp.bfloat16 if settings.get("dtype") == "bfloat16" else jnp.float32
 
 
 def _limit(value, preset_value):
@@ -43,13 +49,14 @@ def _limit(value, preset_value):
     return None if value == 0 else value
 
 
-def cached_gradients(fns, adapters, tokenized, path: str, chunk: int, *, desc: str = "gradients"):
-    """Per-example gradients as a stacked pytree, cached in `path` (.npz of flat rows [N, D])."""
+def cached_gradients(fns, adapters, tokenized, path: str, chunk: int, *, desc: str = "gradients", mesh=None):
+    """Per-example gradients as a stacked pytree, cached in `path` (.npz of flat rows [N, D]); `mesh`: see
+    `jaxinf.sharding` (chunks split over its data axis)."""
     if os.path.exists(path):
         flat = np.load(path)["grads"]
     else:
         flat = np.asarray(attribution.per_example_gradients(fns, adapters, tokenized, chunk_size=chunk,
-                                                            progress=desc))
+                                                            progress=desc, mesh=mesh))
         tmp = path + ".tmp.npz"
         np.savez(tmp, grads=flat)
         os.replace(tmp, path)
@@ -79,7 +86,7 @@ def prepare(settings: dict, workdir: str, *, test_gradients: bool = True, model=
     """
     settings = dict(DEFAULT_SETTINGS, **settings)
     preset = study.PRESETS[settings["preset"]]
-    model = model or load_model(settings["model"], seed=settings["seed"])
+    model = model or load_model(settings["model"], seed=settings["seed"], dtype=model_dtype(settings))
     task = recipes.load_task(model, recipes.TaskConfig(
         source=settings["data"], template=preset.template, max_length=preset.max_length, loss_on=settings["loss_on"],
         limit_train=_limit(settings["limit_train"], preset.limit_train),
@@ -178,7 +185,7 @@ def explain(workdir: str, queries: Sequence[dict], *, methods: Sequence[str] = (
     if not os.path.exists(os.path.join(workdir, SETTINGS)):
         recipes.write_json(os.path.join(workdir, SETTINGS), settings)
     with stage("load model and data"):
-        model = load_model(settings["model"], seed=settings["seed"])
+        model = load_model(settings["model"], seed=settings["seed"], dtype=model_dtype(settings))
     queries = [dict(q) for q in queries]
     unknown = set(options) - set(STUDY_OPTIONS)
     if unknown:
