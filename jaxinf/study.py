@@ -502,11 +502,11 @@ def run_method_with_info(name: str, inputs: StudyInputs) -> tuple[np.ndarray, fl
 
 
 def score_cache_key(name: str, inputs: StudyInputs) -> str:
-    """File stem of a method's cached scores: damped / curvature methods name their curvature, scope and damping."""
+    """File stem of a method's cached scores: damped methods name the run's curvature (which also sets lambda for
+    the Fisher-only ones), damping scope and fraction."""
     if name not in DAMPED_METHODS:
         return name
-    curvature = inputs.curvature if name in CURVATURE_METHODS else "fisher"
-    return f"{name}__{curvature}_{inputs.damping_scope}_f{inputs.damping:g}"
+    return f"{name}__{inputs.curvature}_{inputs.damping_scope}_f{inputs.damping:g}"
 
 
 def lambda_summary(lam) -> str:
