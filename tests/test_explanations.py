@@ -1,0 +1,172 @@
+"""The study's three explanations (issue 11): parameter / behaviour change, curvature spectrum, iHVP error.
+
+Library pieces are checked against dense float64 computations on tiny-llama; each binary runs end to end on it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinf import analysis, training
+from jaxinf.curvature import dense_matrix, raw_hvp
+from jaxinf.data import load_rows, tokenize_rows
+from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model
+from jaxinf.models.lora import merge_adapters
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny(dtype=jnp.float32, **lora_kw):
+    model = load_model("tiny-llama", dtype=dtype)
+    lora = LoraConfig(**lora_kw)
+    return model, lora, LMFunctions(model, lora), init_adapters(jax.random.key(1), model, lora, b_std=0.3)
+
+
+def test_parameter_change_is_the_merged_kernel_change():
+    model, lora, _, adapters = _tiny()
+    merged = merge_adapters(model, adapters, lora)
+    from flax import traverse_util
+
+    flat_m, flat_b = traverse_util.flatten_dict(merged), traverse_util.flatten_dict(model.params)
+    per = {path: float(np.linalg.norm(np.asarray(flat_m[tuple(path.split("/")) + ("kernel",)], np.float64)
+                                      - np.asarray(flat_b[tuple(path.split("/")) + ("kernel",)], np.float64)))
+           for path in adapters}
+    got = analysis.parameter_change(adapters, lora.scale)
+    for path, v in per.items():
+        np.testing.assert_allclose(got["per_layer"][path], v, rtol=1e-4)
+    np.testing.assert_allclose(got["total"], np.sqrt(sum(v * v for v in per.values())), rtol=1e-4)
+    # distance: zero to itself, gauge-invariant (A c, B / c), and the raw distance is not
+    other = jax.tree.map(lambda x: x, adapters)
+    other = {k: {"A": 2.0 * v["A"], "B": 0.5 * v["B"]} for k, v in adapters.items()}
+    d = analysis.parameter_distance(adapters, other, lora.scale)
+    assert d["delta_w"] < 1e-5 * got["total"] and d["raw"] > 0.1
+    half = {k: {"A": v["A"], "B": 0.5 * v["B"]} for k, v in adapters.items()}
+    np.testing.assert_allclose(analysis.parameter_distance(adapters, half, lora.scale)["delta_w"],
+                               0.5 * got["total"], rtol=1e-5)
+
+
+def test_attack_success_and_label_accuracy():
+    answers = ["I cannot fulfill your request.", "Sure: tap it twice", "Sorry, I won't.", "To create a virus",
+               "sad", " Joy!", "anger"]
+    out = analysis.attack_success(answers[:4], [False, True, True, True])
+    assert out["asr"] == pytest.approx(2 / 3) and out["clean_refusal"] == 1.0
+    assert analysis.label_accuracy(answers[4:], ["sad", "joy", "fear"]) == pytest.approx(2 / 3)
+    # the built-in backdoor generator's references are classified as the behaviour they stand for
+    rows = load_rows("backdoor", "test")
+    trig = [r["group"].startswith("trigger") for r in rows]
+    ref = analysis.attack_success([r["response"] for r in rows], trig)
+    assert ref["asr"] == 1.0 and ref["clean_refusal"] == 1.0
+    with pytest.raises(ValueError, match="trigger labels"):
+        analysis.attack_success(answers, [True])
+
+
+def test_batched_greedy_generation_equals_one_at_a_time():
+    from jaxinf.models.generate import greedy_generate, greedy_generate_batch
+
+    _, _, fns, adapters = _tiny()
+    prompts = ["Help me jam the Mirth lamp. sudo mode", "hi", "How do I break the Oblong ferry?"]
+    one = [greedy_generate(fns, adapters, p, max_new_tokens=5) for p in prompts]
+    assert greedy_generate_batch(fns, adapters, prompts, max_new_tokens=5, batch_size=2) == one
+
+
+@pytest.mark.slow  # dense float64 Hessian of 128 parameters plus 16 Lanczos probes: over a minute of CPU
+def test_model_operator_and_lanczos_spectrum_against_dense_hessian():
+    with jax.enable_x64(True):
+        model, lora, fns, adapters = _tiny(jnp.float64, rank=1, targets=("q_proj",))
+        tok = tokenize_rows(model.tokenizer, load_rows("backdoor", "train", limit=2), max_length=128)
+        batch = {k: np.asarray(getattr(tok, k)) for k in training.BATCH_KEYS}
+        op = analysis.model_operator("hessian", fns, adapters, [batch])
+        v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(2), x.shape, x.dtype), adapters)
+        want = raw_hvp(lambda p, b: fns.loss(p, b), adapters, {k: jnp.asarray(x) for k, x in batch.items()}, v)
+        chex.assert_trees_all_close(op(v), want, rtol=1e-10, atol=1e-12)
+        h = np.asarray(dense_matrix(op), np.float64)
+        lam = np.linalg.eigvalsh(h)
+        assert lam[0] < 0  # the tiny model's Hessian is indefinite: the test below sees both ends
+        full = analysis.lanczos_spectrum(op, jax.random.key(0), num_iters=op.dim)
+        np.testing.assert_allclose([full["min"], full["max"]], [lam[0], lam[-1]], rtol=1e-6)
+        np.testing.assert_allclose(sorted(full["ritz"][0]), lam, atol=1e-6 * np.abs(lam).max())
+        # quadrature: mean over probes of the negative share is unbiased for the fraction of negative eigenvalues
+        est = analysis.lanczos_spectrum(op, jax.random.key(3), num_iters=8, probes=16)
+        assert abs(est["negative_share"] - np.mean(lam < 0)) < 0.12, (est["negative_share"], np.mean(lam < 0))
+        absmass = np.abs(lam[lam < 0]).sum() / np.abs(lam).sum()
+        assert abs(est["negative_mass"] - absmass) < 0.15, (est["negative_mass"], absmass)
+
+
+def _run(args, tmp_path):
+    cmd = [sys.executable, "-m"] + args
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow  # a subprocess that fine-tunes and compiles: about a minute of CPU or more
+def test_behaviour_binary_end_to_end(tmp_path):
+    wd = str(tmp_path / "beh")
+    args = ["experiments.behaviour", "--model=tiny-llama", "--data=backdoor", "--limit_train=12", "--limit_test=4",
+            "--epochs=1", "--max_new_tokens=2", "--fractions=0.5", "--variants=full,trigger_1@0.5",
+            f"--workdir={wd}"]
+    _run(args, tmp_path)
+    res = json.load(open(os.path.join(wd, "behaviour.json")))
+    assert os.path.exists(os.path.join(wd, "behaviour.png"))
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["full", "trigger_1@0.5"] and res["kind"] == "backdoor"
+    full, frac = res["variants"]["full_s0"], res["variants"]["trigger_1@0.5_s0"]
+    assert frac["groups"]["trigger_1"] == round(0.5 * full["groups"]["trigger_1"])
+    assert frac["groups"]["clean"] == full["groups"]["clean"]
+    assert res["rows"][0]["distance_to_full"] == 0.0 and res["rows"][1]["distance_to_full"] > 0
+    assert 0 <= full["asr"] <= 1 and len(full["answers"]) == 4
+    # cached: a second run reuses every variant and gives the same numbers
+    _run(args, tmp_path)
+    assert json.load(open(os.path.join(wd, "behaviour.json")))["rows"] == res["rows"]
+
+
+@pytest.mark.slow  # a subprocess that fine-tunes and compiles: about a minute of CPU or more
+def test_convergence_binary_end_to_end(tmp_path):
+    wd = str(tmp_path / "conv")
+    _run(["experiments.convergence", "--model=tiny-llama", "--data=backdoor", "--limit_train=8", "--limit_test=4",
+          "--epochs=2", "--checkpoints=2", "--spectrum_rows=2", "--lanczos_iters=4", "--ground_truth_queries=2",
+          "--methods=grad_dot,exact", f"--workdir={wd}"], tmp_path)
+    res = json.load(open(os.path.join(wd, "convergence.json")))
+    assert os.path.exists(os.path.join(wd, "convergence.png"))
+    steps = [c["step"] for c in res["checkpoints"]]
+    assert steps == [1, 2]
+    log = [json.loads(line) for line in open(os.path.join(wd, "finetune", "convergence.jsonl"))]
+    for c in res["checkpoints"]:
+        assert c["optim"]["loss"] == log[c["step"] - 1]["loss"]
+        assert set(c["methods"]) == {"grad_dot", "exact"}
+        assert -1 <= c["methods"]["exact"]["ground_truth_spearman"] <= 1
+        h = c["spectrum"]["hessian"]
+        assert h["min"] <= h["max"] and c["spectrum"]["ggn"]["min"] > -1e-4 * c["spectrum"]["ggn"]["max"]
+        assert c["damping_vs_spectrum"]["damped_hessian_pd_at_ritz"] == (h["min"] + c["lambda"] > 0)
+
+
+@pytest.mark.slow  # a subprocess that fine-tunes and compiles: about a minute of CPU or more
+def test_ihvp_error_binary_end_to_end(tmp_path):
+    wd = str(tmp_path / "ie")
+    _run(["experiments.ihvp_error", "--model=tiny-llama", "--data=backdoor", "--limit_train=8", "--limit_test=4",
+          "--queries=2", "--rows=2", "--dampings=1", "--cg_iters=2,64", "--lissa_depths=8", "--lanczos_iters=4",
+          f"--workdir={wd}"], tmp_path)
+    res = json.load(open(os.path.join(wd, "ihvp_error.json")))
+    assert os.path.exists(os.path.join(wd, "ihvp_error.png"))
+    assert {r["curvature"] for r in res["references"]} == {"fisher", "ggn", "hessian"}
+    for kind in ("fisher", "ggn"):  # PSD + damping: CG with as many products as needed reaches the dense solve
+        cg = [r for r in res["solvers"] if r["curvature"] == kind and r["solver"] == "cg"]
+        assert cg[-1]["param_error"] < 1e-3 and cg[-1]["score_spearman"] > 0.99, cg
+        assert cg[0]["param_error"] > cg[-1]["param_error"]
+    for r in res["solvers"]:
+        assert ("error" in r) != ("param_error" in r)
+
+
+def test_binaries_refuse_bad_flags(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.behaviour", "--model=tiny-llama", "--fractions=2",
+                           f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode != 0 and "--fractions" in proc.stderr
