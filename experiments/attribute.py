@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from jaxinf import attribution, cli, health, recipes, runtime, sharding, study, training
 from jaxinf.evaluation import evaluate
+from jaxinf.groundtruth import study as gt_study
+from jaxinf.groundtruth.trajectory import WeightedRun
 from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
 
 FLAGS = flags.FLAGS
@@ -52,6 +54,21 @@ flags.DEFINE_string("mesh", None, "device mesh for the heavy stages, e.g. data=8
                     "to the device count; the same numbers as one device (default: one device)")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "base weights and activations (default float32); LoRA "
                   "adapters, their updates, gradients, K-FAC factors and scores stay float32")
+flags.DEFINE_list("ground_truth", None,
+                  f"counterfactual ground truths from {list(gt_study.KINDS)}; every method's agreement with each "
+                  "(LDS; mean per-query Spearman for the others) goes into results and gt_agreement.png. Default: "
+                  "trajectory,lds with the default model (README command 1), none with other models; empty = none")
+flags.DEFINE_integer("gt_queries", 2, "test rows (spread evenly) for trajectory / loo / pbrf (0 = all); LDS uses all "
+                     "(the quick default keeps README command 1 near 15 minutes on 2 CPU cores)")
+flags.DEFINE_integer("gt_subsets", 6, "LDS: retrained random subsets (the quick default: a coarse LDS; use 50-100)")
+flags.DEFINE_float("gt_fraction", 0.5, "LDS: fraction of the training rows each subset keeps")
+flags.DEFINE_integer("gt_loo_rows", 8, "leave-one-out: training rows (spread evenly; 0 = all) retrained without")
+flags.DEFINE_integer("gt_pbrf_rows", 8, "PBRF: training rows (spread evenly; 0 = all)")
+flags.DEFINE_float("gt_pbrf_eps", 1e-2, "PBRF: up-weighting eps of the row")
+flags.DEFINE_float("gt_pbrf_damping", 0.1, "PBRF: proximity lambda as a fraction of the empirical Fisher's mean "
+                   "eigenvalue (mean ||g_n||^2 / D)")
+flags.DEFINE_integer("gt_pbrf_iters", 50, "PBRF: L-BFGS iterations")
+flags.DEFINE_integer("gt_chunk", 1, "retrains (LOO / LDS subsets) vmapped at once")
 flags.DEFINE_integer("bootstrap", 1000, "bootstrap resamples over test rows for the confidence intervals")
 cli.define_data_flags()  # --data, --test_data/--test_fraction, columns, --template/--max_length/--limit_* (preset's)
 
@@ -169,6 +186,9 @@ def main(argv):
                      "health": health.read(ft_dir)},  # loss not falling, vanishing gradient, far from init
         "data_split": task.split_info,  # how train/test were split, sizes, duplicates kept by --allow_overlap
     }
+    if _ground_truth_kinds():  # counterfactual ground truths of this fine-tuning (cached in workdir/groundtruth)
+        _GROUND_TRUTH.update(_ground_truths(fns, adapters, task, train_config, grads_train, ft_dir))
+        run_info["ground_truth"] = gt_study.summary(_GROUND_TRUTH)
     print(f"\n{title}; fine-tune loss {final.get('loss', float('nan')):.3f} after {steps} steps")
     for value in dampings:  # one result set per damping value; fine-tuning, gradients and factors are shared
         result_dir = FLAGS.workdir if len(dampings) == 1 else os.path.join(FLAGS.workdir, f"damping_{value:g}")
@@ -185,6 +205,77 @@ def _data_options() -> dict:
 def _dtype_option() -> dict:
     """The model dtype as a workdir setting: None for float32, so workdirs made before --dtype existed resume."""
     return {"dtype": None if FLAGS.dtype in (None, "float32") else FLAGS.dtype}
+
+
+_GROUND_TRUTH = {}  # kind -> ground truth (jaxinf.groundtruth.study.compute), filled by main
+
+
+def _ground_truth_kinds() -> list:
+    if FLAGS.ground_truth is None:
+        return ["trajectory", "lds"] if FLAGS.model == DEFAULT_MODEL else []
+    return [k for k in FLAGS.ground_truth if k]
+
+
+def _ground_truths(fns, adapters, task, train_config, grads_train, ft_dir):
+    """The --ground_truth kinds for this fine-tuning run: the scanned trainer replays it from the same initial
+    adapters (its checkpoint 0), data order and keys."""
+    unknown = [k for k in _ground_truth_kinds() if k not in gt_study.KINDS]
+    if unknown:
+        raise app.UsageError(f"--ground_truth: unknown {unknown}; choose from {list(gt_study.KINDS)}")
+    flat = attribution.flatten_rows(grads_train)
+    mean_eig = float(np.mean(np.sum(np.square(flat), axis=1)) / flat.shape[1])  # trace(F) / D
+    config = gt_study.GroundTruthConfig(
+        kinds=tuple(_ground_truth_kinds()), max_queries=FLAGS.gt_queries or None, lds_subsets=FLAGS.gt_subsets,
+        lds_fraction=FLAGS.gt_fraction, loo_rows=FLAGS.gt_loo_rows or None, pbrf_rows=FLAGS.gt_pbrf_rows or None,
+        pbrf_eps=FLAGS.gt_pbrf_eps, pbrf_damping=FLAGS.gt_pbrf_damping * mean_eig, pbrf_iters=FLAGS.gt_pbrf_iters,
+        retrain_chunk=FLAGS.gt_chunk, seed=FLAGS.seed)
+    abstract = {"trainable": adapters, "opt_state": training.make_optimizer(
+        train_config, train_config.total_steps(len(task.train_rows))).init(adapters)}
+    init = training.restore_checkpoint(ft_dir, abstract, step=0)[1]["trainable"]
+    run = WeightedRun(fns, init, recipes.batch_arrays(task.train), train_config)
+    return gt_study.compute(run, adapters, recipes.batch_arrays(task.test), config,
+                            os.path.join(FLAGS.workdir, "groundtruth"))
+
+
+def _ground_truth_columns(scores, detail, row):
+    """Agreement of one method's scores with every ground truth: results.json (with per-query values) and CSV."""
+    if not _GROUND_TRUTH:
+        return
+    agree = gt_study.agreement_with(scores, _GROUND_TRUTH, n_boot=FLAGS.bootstrap, seed=FLAGS.seed)
+    detail["ground_truth"] = agree
+    for kind, a in agree.items():
+        row[f"gt_{kind}"], (row[f"gt_{kind}_lo"], row[f"gt_{kind}_hi"]) = a["value"], a["ci"]
+
+
+def _ground_truth_table(rows, n_test, n_train, result_dir, title):
+    """Ground truths scored as methods against each other, then the agreement table and plot."""
+    if not _GROUND_TRUTH:
+        return
+    kinds = list(_GROUND_TRUTH)
+    for kind in kinds:
+        as_scores = gt_study.as_method_scores(kind, _GROUND_TRUTH[kind], n_test, n_train)
+        if as_scores is not None:
+            row = {"method": f"gt:{kind}"}
+            _ground_truth_columns(as_scores, {}, row)
+            rows.append(row)
+    gt_study.plot_agreement(rows, kinds, os.path.join(result_dir, "gt_agreement.png"), title)
+    recipes.write_json(os.path.join(result_dir, "ground_truth.json"), {
+        "ground_truths": gt_study.summary(_GROUND_TRUTH),
+        "agreement": {r["method"]: {k: [r.get(f"gt_{k}"), r.get(f"gt_{k}_lo"), r.get(f"gt_{k}_hi")] for k in kinds}
+                      for r in rows}})
+    print("\nagreement with counterfactual ground truth (LDS for lds; mean per-query Spearman for the others; "
+          "larger = better, 1 = perfect)")
+    print(f"{'method':14s} " + " ".join(f"{k:>16s}" for k in kinds))
+    for r in rows:
+        cells = [f"{r[f'gt_{k}']:6.3f} [{r[f'gt_{k}_lo']:5.2f},{r[f'gt_{k}_hi']:5.2f}]"
+                 if f"gt_{k}" in r and np.isfinite(r[f"gt_{k}"]) else f"{'-':>16s}" for k in kinds]
+        print(f"{r['method']:14s} " + " ".join(f"{c:>16s}" for c in cells))
+    facts = {k: v for k, v in gt_study.summary(_GROUND_TRUTH).items()}
+    print("ground truths: " + "; ".join(f"{k} {v['seconds']:.0f} s" + (
+        f" ({v['subsets']} subsets of {v['fraction']:.2f}, replay error {v['replay_error']:.1e})" if k == "lds"
+        else f" ({len(v['queries'])} queries x {v['rows']} rows)") for k, v in facts.items()))
+    print(f"ground truth: {result_dir}/ground_truth.json (value, lo, hi per method, ground truths included), "
+          "gt_agreement.png")
 
 
 def _damping_values(flag_value, preset_value) -> list:
@@ -247,6 +338,7 @@ def _attribute_one_damping(inputs, task, result_dir, run_info, title):
             continue
         detail, row = _method_record(method, scores, seconds, info, exact_scores, task)
         # Per-method extra outputs: add keys to `detail` (results.json) and/or `row` (results.csv) here.
+        _ground_truth_columns(scores, detail, row)
         details[method] = detail
         rows.append(row)
 
@@ -274,6 +366,7 @@ def _attribute_one_damping(inputs, task, result_dir, run_info, title):
           f"the damped {inputs.curvature} inverted exactly in float64); for iHVP methods it measures their "
           "approximation error. lambda: the absolute damping each method used (a range when per block)")
     print(f"results: {result_dir}/results.json, results.csv, metrics.png")
+    _ground_truth_table([dict(r) for r in rows], len(task.test_rows), len(task.train_rows), result_dir, title)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ Gauss-Newton matrix G of the mean training loss (1/N) sum_i L_i, so for small ep
     (L_q(theta*(eps)) - L_q(theta_s)) / eps ~ -grad L_q^T (G + lambda I)^{-1} grad L_n.
 
 `pbrf_scores` returns minus that response (larger = row n helps query q more: the library's sign). The problem
-is solved with optax L-BFGS in the scaled variable delta = (theta - theta_s) / eps, whose objective
-J(theta_s + eps delta) / eps^2 (constant dropped) is O(1) for any eps; rows are batched with vmap. The teacher
-distributions p(theta_s, x_i) are computed once ([N, T, V] log-probabilities held in memory).
+is solved with optax L-BFGS (backtracking line search) in the scaled variable delta = (theta - theta_s) / eps,
+whose objective J(theta_s + eps delta) / eps^2 (constant dropped) is O(1) for any eps; rows are batched with vmap.
+The teacher distributions p(theta_s, x_i) are computed once ([N, T, V] log-probabilities held in memory), and
+every objective evaluation runs the model on all N training rows (per vmapped row): meant for small N and
+vocabularies (tiny models, a few rows of a LoRA run), not for a full SmolLM2 study set on a CPU.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def _solve(fns, iters, base, theta_s, train, teacher, rows, eps, damping):
             up = (lm.per_example_loss(theta, row)[0] - l_n_s) / eps
             return kl / eps ** 2 + up + 0.5 * damping * jnp.sum(delta ** 2)
 
-        opt = optax.lbfgs()
+        opt = optax.lbfgs(linesearch=optax.scale_by_backtracking_linesearch(
+            max_backtracking_steps=20, store_grad=True))
         value_and_grad = optax.value_and_grad_from_state(objective)
 
         def step(carry, _):

@@ -26,9 +26,9 @@ from jaxinf import training
 from jaxinf.groundtruth.trajectory import WeightedRun, _query_losses
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _batched_query_losses(fns, config, total_steps, steps, base, init, arrays, order, weights, queries):
-    return jax.vmap(lambda w: _query_losses(fns, config, total_steps, steps, base, init, arrays, order, w, queries)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _batched_query_losses(fns, config, total_steps, base, init, arrays, order, weights, stop, queries):
+    return jax.vmap(lambda w: _query_losses(fns, config, total_steps, base, init, arrays, order, w, stop, queries)
                     )(weights)
 
 
@@ -55,14 +55,14 @@ def retrain_losses(run: WeightedRun, weights: np.ndarray, queries: dict, *, chun
         done = saved["losses"][:m]
     q = _queries(queries)
     dtype = run.default_weights().dtype
-    static, (base, init, arrays, order, _) = run._static(None), run._dynamic(None)
+    static, (base, init, arrays, order, _, stop) = run._static(), run._dynamic(None)
     out = [done]
     with tqdm(total=m, initial=done.shape[0], desc=desc, unit="run", disable=None) as bar:
         for start in range(done.shape[0], m, chunk):
             part = weights[start:start + chunk]
             padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)], 0)
             losses = np.asarray(_batched_query_losses(*static, base, init, arrays, order,
-                                                      jnp.asarray(padded, dtype), q), np.float64)[:len(part)]
+                                                      jnp.asarray(padded, dtype), stop, q), np.float64)[:len(part)]
             out.append(losses)
             bar.update(len(part))
             if cache:

@@ -75,54 +75,55 @@ class WeightedRun:
 
     def final(self, weights: Optional[jax.Array] = None, steps: Optional[int] = None) -> Any:
         """Adapters after `steps` optimiser steps (default: all) of the run with row weights `weights` [N]."""
-        return _run_jit(*self._static(steps), *self._dynamic(weights))
+        return _run_jit(*self._static(), *self._dynamic(weights, steps))
 
     def query_losses(self, weights: jax.Array, queries: dict, steps: Optional[int] = None) -> jax.Array:
         """Per-example losses [Q] of the query rows (no dropout) at the adapters `final(weights, steps)`."""
-        return _query_losses(*self._static(steps), *self._dynamic(weights), queries)
+        return _query_losses(*self._static(), *self._dynamic(weights, steps), queries)
 
-    def _static(self, steps):
-        steps = self.total_steps if steps is None else int(steps)
-        if not 0 <= steps <= self.total_steps:
-            raise ValueError(f"steps={steps} outside 0..{self.total_steps} of this run")
-        return self.fns, self.config, self.total_steps, steps
+    def _static(self):
+        return self.fns, self.config, self.total_steps
 
-    def _dynamic(self, weights):
+    def _dynamic(self, weights, steps=None):
         """The arguments that enter compiled code as arrays (frozen base weights included: never constants)."""
         weights = self.default_weights() if weights is None else weights
         chex.assert_shape(weights, (self.n_rows,))
-        return self.fns.model.params, self.init, self._arrays, jnp.asarray(self.order), weights
+        steps = self.total_steps if steps is None else int(steps)
+        if not 0 <= steps <= self.total_steps:
+            raise ValueError(f"steps={steps} outside 0..{self.total_steps} of this run")
+        return (self.fns.model.params, self.init, self._arrays, jnp.asarray(self.order), weights,
+                jnp.asarray(steps, jnp.int32))
 
 
-def _run(fns, config, total_steps, steps, base, init, arrays, order, weights):
+def _run(fns, config, total_steps, base, init, arrays, order, weights, stop):
+    """Adapters after the first `stop` (traced) of `total_steps` steps: later steps are computed but not applied,
+    so every intermediate step shares one compiled program."""
     optimizer = training.make_optimizer(config, total_steps, eps_root=EPS_ROOT)
     step_fn = jax.checkpoint(training.weighted_step(fns, optimizer, config.grad_accum))
 
     def body(carry, inputs):
-        trainable, opt_state = carry
         s, idx = inputs
         batch = {k: jnp.take(v, idx, axis=0) for k, v in arrays.items()}
-        trainable, opt_state, _, _, _ = step_fn(base, trainable, opt_state, batch, weights[idx],
-                                                training.step_rng(config.seed, s))
-        return (trainable, opt_state), None
+        new = step_fn(base, *carry, batch, weights[idx], training.step_rng(config.seed, s))[:2]
+        return jax.tree.map(lambda a, b: jnp.where(s < stop, a, b), new, carry), None
 
-    (final, _), _ = jax.lax.scan(body, (init, optimizer.init(init)), (jnp.arange(steps), order[:steps]))
+    (final, _), _ = jax.lax.scan(body, (init, optimizer.init(init)), (jnp.arange(total_steps), order))
     return final
 
 
-_run_jit = jax.jit(_run, static_argnums=(0, 1, 2, 3))
+_run_jit = jax.jit(_run, static_argnums=(0, 1, 2))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _query_losses(fns, config, total_steps, steps, base, init, arrays, order, weights, queries):
-    final = _run(fns, config, total_steps, steps, base, init, arrays, order, weights)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _query_losses(fns, config, total_steps, base, init, arrays, order, weights, stop, queries):
+    final = _run(fns, config, total_steps, base, init, arrays, order, weights, stop)
     return fns.with_base(base).per_example_loss(final, queries)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _query_jacobian(fns, config, total_steps, steps, base, init, arrays, order, weights, queries):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _query_jacobian(fns, config, total_steps, base, init, arrays, order, weights, stop, queries):
     """d L_q / d w, [Q, N]: one forward scan, Q reverse passes (vmapped)."""
-    return jax.jacrev(lambda w: _query_losses(fns, config, total_steps, steps, base, init, arrays, order, w,
+    return jax.jacrev(lambda w: _query_losses(fns, config, total_steps, base, init, arrays, order, w, stop,
                                               queries))(weights)
 
 
@@ -141,7 +142,7 @@ def trajectory_influence(run: WeightedRun, queries: dict, *, steps: Optional[int
     out = []
     for start in range(0, q, chunk):
         part = {k: jnp.asarray(np.asarray(queries[k])[start:start + chunk]) for k in training.BATCH_KEYS}
-        out.append(np.asarray(_query_jacobian(*run._static(steps), *run._dynamic(w), part)))
+        out.append(np.asarray(_query_jacobian(*run._static(), *run._dynamic(w, steps), part)))
     return -np.concatenate(out, 0).astype(np.float64)
 
 

@@ -1,0 +1,179 @@
+"""Ground truth for attribution: the scanned trainer replays training, trajectory influence is the derivative of
+the real run (finite differences of whole runs), LOO/LDS by retraining, and PBRF against the dense damped GGN."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxinf import recipes, training
+from jaxinf.curvature import dense_matrix, ggn_operator
+from jaxinf.groundtruth import (WeightedRun, lds, lds_masks, lds_per_query, loo_scores, pbrf_scores,
+                                rank_agreement, retrain_losses, trajectory_influence)
+from jaxinf.groundtruth import study as gt_study
+from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_TRAIN, N_TEST = 8, 3
+# Dropout, warm-up, weight decay, clipping and gradient accumulation all on, so the replay covers every piece.
+CONFIG = training.TrainConfig(steps=4, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=1, weight_decay=0.01,
+                              max_grad_norm=1.0, seed=1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    with jax.enable_x64(True):
+        model = load_model("tiny-llama", dtype=jnp.float64)
+        task = recipes.load_task(model, recipes.TaskConfig(source="backdoor", max_length=80, limit_train=N_TRAIN,
+                                                           limit_test=N_TEST))
+        lora = LoraConfig(rank=2, alpha=8.0, dropout=0.1)
+        init = init_adapters(jax.random.key(CONFIG.seed), model, lora)
+        run = WeightedRun(LMFunctions(model, lora), init, recipes.batch_arrays(task.train), CONFIG)
+        yield model, lora, task, run, recipes.batch_arrays(task.test)
+
+
+@pytest.fixture(scope="module")
+def trajectory(setup):
+    _, _, _, run, queries = setup
+    with jax.enable_x64(True):
+        return trajectory_influence(run, queries)
+
+
+def test_scan_at_unit_weights_replays_training(setup, tmp_path):
+    model, lora, task, run, _ = setup
+    with jax.enable_x64(True):
+        trained, _ = recipes.finetune_lora(model, lora, task, CONFIG, str(tmp_path))
+        replay = run.final()
+        assert jax.tree.leaves(replay)[0].dtype == jnp.float64
+        err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(replay), jax.tree.leaves(trained)))
+        assert err < 1e-12, err
+        assert float(ravel_pytree(jax.tree.map(jnp.subtract, trained, run.init))[0].std()) > 1e-3  # it trained
+
+
+def test_trajectory_influence_equals_finite_differences_of_whole_runs(setup, trajectory):
+    _, _, _, run, queries = setup
+    eps, rows = 1e-4, [0, 3, 6]
+    weights = np.ones((2 * len(rows), N_TRAIN))
+    for j, n in enumerate(rows):
+        weights[2 * j, n] += eps
+        weights[2 * j + 1, n] -= eps
+    with jax.enable_x64(True):
+        losses = retrain_losses(run, weights, queries, chunk=3)  # [6, Q]
+    fd = -(losses[0::2] - losses[1::2]).T / (2 * eps)  # [Q, rows], the library's sign
+    exact = trajectory[:, rows]
+    assert np.linalg.norm(exact - fd) / np.linalg.norm(fd) < 1e-5
+    assert np.abs(exact).min() > 1e-7  # every checked derivative is non-trivial
+
+
+def test_intermediate_step_is_the_derivative_of_the_shorter_run(setup):
+    _, _, _, run, queries = setup
+    with jax.enable_x64(True):
+        at2 = trajectory_influence(run, queries, steps=2)
+        rows_seen = np.unique(run.order[:2])
+        unseen = np.setdiff1d(np.arange(N_TRAIN), rows_seen)
+        assert np.all(at2[:, unseen] == 0.0) and np.all(np.abs(at2[:, rows_seen]).max(0) > 0)
+
+
+def test_leave_one_out_agrees_with_trajectory_influence_in_sign_and_order(setup, trajectory, tmp_path):
+    _, _, _, run, queries = setup
+    cache = str(tmp_path / "loo.npz")
+    with jax.enable_x64(True):
+        loo = loo_scores(run, queries, range(N_TRAIN), chunk=3, cache=cache)
+        again = loo_scores(run, queries, range(N_TRAIN), chunk=3, cache=cache)  # from the cache
+    np.testing.assert_array_equal(loo, again)
+    big = np.abs(trajectory) > 0.2 * np.abs(trajectory).max()
+    assert np.all(np.sign(loo[big]) == np.sign(trajectory[big]))
+    assert rank_agreement(loo, trajectory)["value"] > 0.8
+
+
+def test_lds_reproduces_a_hand_computed_example():
+    scores = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, -1.0]])
+    masks = np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 0, 0]], float)
+    losses = np.array([[0.1, 0.4], [0.3, 0.1], [0.5, 0.2], [0.2, 0.3]])
+    # query 0: predictions (4, 3, 1, 3) -> ranks (4, 2.5, 1, 2.5); -losses rank (4, 2, 1, 3): rho = 3/sqrt(10).
+    # query 1: predictions (2, -1, 1, 0) -> ranks (4, 1, 3, 2); -losses rank (1, 4, 3, 2): rho = 1 - 6*18/60.
+    np.testing.assert_allclose(lds_per_query(scores, masks, losses), [3 / np.sqrt(10), -0.8])
+    assert lds(scores, masks, losses)["value"] == pytest.approx((3 / np.sqrt(10) - 0.8) / 2)
+    # The perfect predictor: losses that fall exactly with the kept rows' summed scores.
+    assert lds(scores, masks, -(masks @ scores.T))["value"] == pytest.approx(1.0)
+
+
+def test_lds_masks_keep_the_fraction_and_are_seeded():
+    m = lds_masks(10, 5, 0.5, seed=3)
+    assert m.shape == (5, 10) and np.all(m.sum(1) == 5)
+    np.testing.assert_array_equal(m, lds_masks(10, 5, 0.5, seed=3))
+    assert not np.array_equal(m, lds_masks(10, 5, 0.5, seed=4))
+
+
+def test_pbrf_matches_the_damped_gauss_newton_response():
+    """-(L_q(theta*(eps)) - L_q(theta_s)) / eps -> grad L_q^T (G + lambda I)^{-1} grad L_n (dense, float64)."""
+    with jax.enable_x64(True):
+        model = load_model("tiny-llama", dtype=jnp.float64)
+        task = recipes.load_task(model, recipes.TaskConfig(source="backdoor", max_length=80, limit_train=6,
+                                                           limit_test=2))
+        lora = LoraConfig(rank=1, alpha=4.0)
+        fns = LMFunctions(model, lora)
+        theta = init_adapters(jax.random.key(0), model, lora, b_std=0.1)
+        train, test = recipes.batch_arrays(task.train), recipes.batch_arrays(task.test)
+        g_mat = np.asarray(dense_matrix(ggn_operator(fns.logits, fns.output_loss, theta, [train])))
+        lam = 0.1 * np.trace(g_mat) / len(g_mat)
+        grads = lambda batch: np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(fns.per_example_grads(theta, batch)))
+        g_q, g_n = grads(test), grads(train)
+        expected = g_q @ np.linalg.solve(g_mat + lam * np.eye(len(g_mat)), g_n.T)
+        out = pbrf_scores(fns, theta, train, test, range(6), eps=1e-4, damping=lam, iters=60, chunk=6)
+    err = np.linalg.norm(out["scores"] - expected) / np.linalg.norm(expected)
+    assert err < 2e-3, err
+    without_kl = g_q @ g_n.T / lam  # what a missing KL term would give
+    assert np.linalg.norm(without_kl - expected) / np.linalg.norm(expected) > 100 * err
+
+
+def test_agreement_of_hand_made_methods_with_ground_truths():
+    rng = np.random.default_rng(0)
+    truth_scores = rng.normal(size=(4, 6))
+    masks = lds_masks(6, 12, 0.5, seed=0)
+    truths = {"trajectory": {"scores": truth_scores[[0, 2]], "queries": np.array([0, 2]), "rows": np.arange(6)},
+              "loo": {"scores": truth_scores[:, [1, 3, 4]], "queries": np.arange(4), "rows": np.array([1, 3, 4])},
+              "lds": {"masks": masks, "losses": -(masks @ truth_scores.T)}}
+    method = np.zeros((4, 6))
+    method[[0, 2]] = truth_scores[[0, 2]]
+    method[:, [1, 3, 4]] = truth_scores[:, [1, 3, 4]]
+    out = gt_study.agreement_with(method, truths, n_boot=50)
+    assert out["trajectory"]["value"] == pytest.approx(1.0) and out["loo"]["value"] == pytest.approx(1.0)
+    assert gt_study.agreement_with(truth_scores, truths, n_boot=50)["lds"]["value"] == pytest.approx(1.0)
+    assert gt_study.agreement_with(-truth_scores, truths, n_boot=50)["lds"]["value"] == pytest.approx(-1.0)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_at_tiny_size(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "experiments.bench_groundtruth", "--model=tiny-llama", "--n_train=8", "--steps=2",
+           "--batch_size=4", "--queries=2", "--max_length=80", f"--out={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        result = json.load(f)
+    assert result["trajectory_over_run"] > 0 and result["lds_subset_over_run"] > 0
+
+
+@pytest.mark.slow
+def test_study_binary_scores_every_method_against_every_ground_truth(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.attribute", "--model=tiny-llama", "--data=backdoor",
+           "--ground_truth=trajectory,lds,loo,pbrf", "--limit_train=16", "--limit_test=4", "--bootstrap=100",
+           "--methods=grad_dot,exact,repsim", "--gt_subsets=6", "--gt_loo_rows=4", "--gt_pbrf_rows=4",
+           f"--workdir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    kinds = {"trajectory", "lds", "loo", "pbrf"}
+    for method in ("grad_dot", "exact", "repsim"):
+        agree = results["methods"][method]["ground_truth"]
+        assert set(agree) == kinds and all(-1.0 <= agree[k]["value"] <= 1.0 for k in kinds), agree
+    assert results["ground_truth"]["lds"]["replay_error"] < 1e-4  # the scan replays the fine-tuning (float32)
+    assert (tmp_path / "gt_agreement.png").stat().st_size > 0 and "agreement with counterfactual" in proc.stdout
