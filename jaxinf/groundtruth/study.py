@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxinf.groundtruth import agreement
 from jaxinf.groundtruth.pbrf import pbrf_scores
-from jaxinf.groundtruth.retrain import lds_masks, retrain_losses
+from jaxinf.groundtruth.retrain import _queries, lds_masks, retrain_losses
 from jaxinf.groundtruth.trajectory import WeightedRun, trajectory_influence
 
 KINDS = ("trajectory", "lds", "loo", "pbrf")
@@ -104,7 +104,7 @@ def compute(run: WeightedRun, adapters: Any, queries: dict, config: GroundTruthC
                 weights = np.concatenate([np.ones((1, n)), masks], 0)
                 losses = retrain_losses(run, weights, queries, chunk=config.retrain_chunk,
                                         cache=path[:-4] + "_retrains.npz", desc="LDS subsets")
-                full = np.asarray(run.fns.per_example_loss(adapters, {k: np.asarray(v) for k, v in queries.items()}))
+                full = np.asarray(run.fns.per_example_loss(adapters, _queries(queries)))
                 res = {"masks": masks, "losses": losses[1:], "full_losses": losses[0],
                        "replay_error": float(np.max(np.abs(losses[0] - full)))}
             else:  # pbrf
