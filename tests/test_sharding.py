@@ -221,3 +221,45 @@ def test_fsdp_spec_picks_the_largest_divisible_dimension():
     assert fsdp_spec((64, 32), 4) == P("model", None)
     assert fsdp_spec((3,), 4) == P()
     assert fsdp_spec((64, 32), 1) == P()
+
+
+def _study(workdir, env, *flags):
+    cmd = [sys.executable, "-m", "experiments.attribute", "--model=tiny-llama", "--data=backdoor", "--limit_train=16",
+           "--limit_test=4", "--epochs=1", "--methods=grad_dot,ekfac", "--bootstrap=50", "--report_queries=0",
+           f"--workdir={workdir}", *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    scores = {}
+    for name in sorted(os.listdir(os.path.join(workdir, "scores"))):
+        if name.endswith(".npz"):
+            scores[name] = np.load(os.path.join(workdir, "scores", name))["scores"]
+    return results, scores
+
+
+@pytest.mark.slow
+def test_study_binary_with_mesh_and_bfloat16(tmp_path):
+    """The study binary on 8 simulated devices: --mesh=data=8 gives the one-device scores (float32 tolerance);
+    --dtype=bfloat16 ranks training rows as float32 does; a mesh that does not fit the devices is a UsageError."""
+    import scipy.stats
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    one, s_one = _study(tmp_path / "one", env)
+    sharded, s_mesh = _study(tmp_path / "mesh", env, "--mesh=data=8")
+    assert sharded["mesh"].startswith("data=8,model=1") and one["mesh"] == "single device"
+    assert sorted(s_one) == sorted(s_mesh) and {"grad_dot.npz"} < set(s_one)  # grad_dot, ekfac, exact
+    for name in s_one:  # float32 fine-tuning: AdamW amplifies summation-order differences on near-zero gradients
+        assert _rel(s_mesh[name], s_one[name]) < 5e-2, name
+        rho = np.mean([scipy.stats.spearmanr(a, b).statistic for a, b in zip(s_mesh[name], s_one[name])])
+        assert rho > 0.99, (name, rho)
+    bf16, s_bf16 = _study(tmp_path / "bf16", env, "--dtype=bfloat16")
+    assert bf16["dtype"] == "bfloat16" and one["dtype"] == "float32"
+    assert np.load(tmp_path / "bf16" / "grads_train.npz")["grads"].dtype == np.float32
+    for name in [n for n in s_one if n.startswith(("grad_dot", "ekfac"))]:
+        rho = np.mean([scipy.stats.spearmanr(a, b).statistic for a, b in zip(s_bf16[name], s_one[name])])
+        assert rho > 0.9, (name, rho)
+    cmd = [sys.executable, "-m", "experiments.attribute", "--model=tiny-llama", "--mesh=data=3",
+           f"--workdir={tmp_path / 'bad'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "--mesh='data=3' asks for 3 devices but 8 are available" in proc.stderr
