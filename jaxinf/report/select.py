@@ -159,13 +159,33 @@ def explain(methods: Sequence[str], inputs: study.StudyInputs, *, tokenizer, tra
                 contrib = token_scores(name, sub, directions, i, rows) if per_token else None
                 entries = [_row_entry(tokenizer, inputs.train, r, train_rows, s[i, r],
                                       None if contrib is None else contrib[j]) for j, r in enumerate(rows)]
-                out[i]["methods"][name] = {
+                out[i]["methods"][name] = drop_imprecise({
                     "top": entries[:len(top[i])], "bottom": entries[len(top[i]):],
                     "per_token": contrib is not None,
                     "note": PER_TOKEN_NOTE.get(name, "") if per_token else "per-token contributions not computed",
-                }
+                })
                 bar.update(1)
     return out
+
+
+def drop_imprecise(result: dict, rtol: float = 1e-3) -> dict:
+    """Drop a method's token contributions when any shown row's sum misses its score by more than rtol.
+
+    The identity sum_t s_t = score is exact, but with small damping d_q = P g_q is dominated by directions
+    orthogonal to every training gradient: single tokens then carry large contributions that cancel in the sum,
+    and a float32 model loses the sum. Shading such rows would mislead; the note says why they have none.
+    """
+    rows = result["top"] + result["bottom"]
+    worst = max((abs(r["token_sum"] - r["score"]) / max(abs(r["score"]), 1e-30) for r in rows if "token_sum" in r),
+                default=0.0)
+    if worst <= rtol:
+        return result
+    for r in rows:
+        r.pop("token_scores", None)
+        r.pop("token_sum", None)
+    note = (f"token contributions cancel beyond the model's precision (a row's sum missed its score by "
+            f"{100 * worst:.3g}%): not shown; load the model in float64 for exact token shares")
+    return dict(result, per_token=False, note=note)
 
 
 def top_rows_table(scores: np.ndarray, train_groups: Sequence[str], k: int, *, seed: int = 0) -> list[dict]:
