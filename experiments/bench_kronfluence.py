@@ -6,7 +6,7 @@ r"""jaxinf against kronfluence on the CPU: the same GPT-2, tokens, layers, empir
     python -m experiments.bench_kronfluence --sides=jaxinf           # the jaxinf half only (no torch needed)
 
 Workload: a randomly initialised GPT-2 (--n_layer blocks of width --n_embd, GPT-2's 50257-token vocabulary,
-dropout 0) made in Flax (seed --seed) and loaded by torch with from_flax=True, so both sides hold the same weights; --n_train and
+dropout 0) made in Flax (seed --seed) and loaded into torch's GPT2LMHeadModel, so both sides hold the same weights; --n_train and
 --n_query sequences of --seq_len random tokens (the same arrays on both sides); the loss of row n is its mean
 next-token NLL over tokens 2..T (jaxinf.models.loss; kronfluence's task sums these over the batch). EK-FAC over
 every linear layer of the blocks (c_attn, attn c_proj, c_fc, mlp c_proj, with biases; torch's Conv1D layers become
@@ -63,7 +63,7 @@ def _thread_env(threads: int) -> dict:
 # --------------------------------------------------------------------------------------------- shared workload
 def make_workload(workdir: str) -> None:
     """The GPT-2 (Flax, random init with --seed, save_pretrained) and the token arrays (tokens.npz) in `workdir`.
-    Made with jax, so the jaxinf half needs no torch; kronfluence loads the same weights with from_flax=True."""
+    Made with jax, so the jaxinf half needs no torch; the kronfluence half loads the same weights into torch."""
     import numpy as np
     import transformers
 
@@ -162,7 +162,12 @@ def run_kronfluence(workdir: str) -> dict:
 
     torch.set_num_threads(FLAGS.threads)
     dtype = {"float32": torch.float32, "float64": torch.float64}[FLAGS.precision]
-    model = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(workdir, "model"), from_flax=True).to(dtype).eval()
+    from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model
+
+    path = os.path.join(workdir, "model")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config.from_pretrained(path))
+    model = load_flax_checkpoint_in_pytorch_model(model, os.path.join(path, "flax_model.msgpack"))
+    model = model.to(dtype).eval()
     _conv1d_to_linear(model)
     tracked = [f"transformer.h.{i}.{m}" for i in range(model.config.n_layer)
                for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
@@ -209,7 +214,7 @@ def run_kronfluence(workdir: str) -> dict:
     factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True, covariance_max_examples=None,
                                   lambda_max_examples=None, activation_covariance_dtype=dtype,
                                   gradient_covariance_dtype=dtype, eigendecomposition_dtype=torch.float64,
-                                  lambda_dtype=dtype)
+                                  lambda_dtype=dtype, per_sample_gradient_dtype=dtype)
     score_args = ScoreArguments(damping_factor=None, score_dtype=dtype, per_sample_gradient_dtype=dtype,
                                 precondition_dtype=dtype)
     rss_before = _rss_mib()

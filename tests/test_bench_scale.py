@@ -1,0 +1,96 @@
+"""The scale benchmarks at toy sizes, so that they cannot rot: the GPU benchmark (experiments.bench_gpu --toy), the
+per-stage memory benchmark on tiny-llama, the cold/warm compilation-cache benchmark, and the kronfluence
+side-by-side (its jaxinf half always; the comparison only where kronfluence and torch are installed)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, tmp_path, timeout=3600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               JAXINF_COMPILATION_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m"] + args, cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_gpu_toy_parts_a_and_b(tmp_path):
+    out = tmp_path / "gpu.json"
+    _run(["experiments.bench_gpu", "--toy", "--parts=gpt2,llama7b", f"--out={out}"], tmp_path)
+    (result,) = json.loads(out.read_text()).values()
+    gpt2, llama = result["parts"]["gpt2"], result["parts"]["llama7b"]
+    assert gpt2["scores_shape"] == [4, 8] and llama["scores_shape"] == [4, 8]
+    assert gpt2["layers"] == 8  # 2 blocks x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    assert llama["layers"] == 8 and llama["lora"]["targets"] == ["q_proj", "v_proj"]  # 2 blocks x 2 x (A, B)
+    assert llama["dtype"] == "bfloat16" and llama["base_params"] > 0
+    for part in (gpt2, llama):
+        assert part["fit"][0]["total_s"] > 0 and part["score"][0]["pairs_per_s"] > 0
+        assert part["memory_after_score"]["peak_rss_mib"] > 0
+    assert llama["per_example_gradients"][0]["rows_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_gpu_toy_study_part(tmp_path):
+    out = tmp_path / "gpu.json"
+    _run(["experiments.bench_gpu", "--toy", "--parts=study", f"--out={out}"], tmp_path)
+    (result,) = json.loads(out.read_text()).values()
+    study = result["parts"]["study"]
+    assert study["failed"] == [] and set(study["methods"]) == {"grad_dot", "ekfac"}
+
+
+def test_bench_memory_tiny(tmp_path):
+    out = tmp_path / "mem.json"
+    _run(["experiments.bench_memory", "--model=tiny-llama", "--limit_train=8", "--limit_test=4", "--epochs=1",
+          "--methods=grad_dot,ekfac,repsim", f"--out={out}"], tmp_path)
+    (result,) = json.loads(out.read_text()).values()
+    names = [s["stage"] for s in result["stages"]]
+    assert names == ["load_model", "tokenize", "finetune", "gradients_train", "gradients_test", "grad_dot",
+                     "kfac_fit", "ekfac", "repsim"]
+    for s in result["stages"]:
+        assert s["peak_rss_mib"] >= max(s["rss_start_mib"], s["rss_end_mib"]) > 0
+    assert result["peak_rss_mib"] == max(s["peak_rss_mib"] for s in result["stages"])
+    assert result["n_train"] == 8 and result["n_test"] == 4 and result["model_weights_mib"] > 0
+
+
+@pytest.mark.slow
+def test_bench_compile_cache_tiny(tmp_path):
+    out = tmp_path / "cc.json"
+    _run(["experiments.bench_compile_cache", "--binary=experiments.finetune",
+          "--args=--model=tiny-llama --data=backdoor --steps=2 --limit_train=8 --workdir={workdir}", f"--out={out}"],
+         tmp_path)
+    (result,) = json.loads(out.read_text()).values()
+    assert result["runs"]["off"]["cache_bytes_after"] == 0 and result["cache_mib"] > 0
+    assert np.isfinite(result["warm_over_cold"])
+
+
+_KF_TOY = ["--n_layer=2", "--n_embd=32", "--n_head=4", "--vocab_size=128", "--n_train=8", "--n_query=4",
+           "--seq_len=16", "--batch_size=4", "--fit_repeats=1", "--score_repeats=1"]
+
+
+@pytest.mark.slow
+def test_bench_kronfluence_jaxinf_half_toy(tmp_path):
+    out = tmp_path / "kf.json"
+    _run(["experiments.bench_kronfluence", "--sides=jaxinf", f"--out={out}"] + _KF_TOY, tmp_path)
+    (result,) = json.loads(out.read_text()).values()
+    side = result["sides"]["jaxinf"]
+    assert len(side["layers"]) == 8 and side["fit_s"][0] > 0 and side["score_s"][0] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("kronfluence") is None, reason="kronfluence not installed (extra: bench)")
+def test_bench_kronfluence_agrees_in_float64(tmp_path):
+    out = tmp_path / "kf.json"
+    _run(["experiments.bench_kronfluence", "--precision=float64", f"--out={out}"] + _KF_TOY, tmp_path)
+    (result,) = json.loads(out.read_text()).values()
+    agreement = result["agreement"]
+    assert agreement["max_abs_diff_over_max_abs"] < 1e-8, agreement  # same maths: equal to float64 rounding
+    assert result["ratios_jaxinf_over_kronfluence"]["fit_warm"] > 0
