@@ -4,7 +4,9 @@ r"""The study end to end: LoRA fine-tune, attribute every test row with every me
     python -m experiments.attribute --data=../shared/paper_datasets/emotion --workdir=runs/emotion
 
 Stages (each cached in --workdir, so an interrupted run resumes): fine-tuning checkpoints, per-example LoRA
-gradients, one score matrix per method. Outputs: results.json, results.csv, metrics.png, and a table on stdout.
+gradients, one score matrix per method. Outputs: results.json (with each test row's top/bottom --top_k training
+rows per method), results.csv, metrics.png, report.html (explain.py's report for a few test rows per group), a
+table on stdout, and a progress line per stage on stderr.
 
 One curvature (--curvature) and one damping per result set: lambda is resolved once (--damping f, relative:
 global scope lambda = f tr(C)/D of the whole curvature inverted; block scope lambda_l = f x the mean squared
@@ -18,13 +20,14 @@ import csv
 import dataclasses
 import json
 import os
+import time
 
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from tqdm.auto import tqdm
 
-from jaxinf import attribution, cli, health, recipes, runtime, sharding, study, training
+from jaxinf import api, attribution, cli, health, recipes, report, runtime, sharding, study, training
+from jaxinf.progress import Stage, log
 from jaxinf.evaluation import evaluate
 from jaxinf.groundtruth import study as gt_study
 from jaxinf.groundtruth.trajectory import WeightedRun
@@ -71,19 +74,15 @@ flags.DEFINE_integer("gt_pbrf_iters", 50, "PBRF: L-BFGS iterations")
 flags.DEFINE_integer("gt_chunk", 1, "retrains (LOO / LDS subsets) vmapped at once")
 flags.DEFINE_integer("bootstrap", 1000, "bootstrap resamples over test rows for the confidence intervals")
 cli.define_data_flags()  # --data, --test_data/--test_fraction, columns, --template/--max_length/--limit_* (preset's)
+flags.DEFINE_integer("top_k", 10, "per method and test row, the top-k and bottom-k training rows kept in results.json")
+flags.DEFINE_integer("report_queries", 1, "test rows per group explained in report.html (0 = no report)")
+flags.DEFINE_integer("report_k", 3, "training rows per method shown in report.html (top and bottom each)")
 
 
 def _gradients(fns, adapters, tokenized, path, chunk, mesh=None):
     """Per-example gradients as a stacked pytree, cached in `path` (.npz of flat rows)."""
-    if os.path.exists(path):
-        flat = np.load(path)["grads"]
-    else:
-        flat = np.asarray(attribution.per_example_gradients(fns, adapters, tokenized, chunk_size=chunk,
-                                                            mesh=mesh))
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, grads=flat)
-        os.replace(tmp, path)
-    return attribution.unflatten_rows(flat, adapters, stacked=False)
+    name = os.path.splitext(os.path.basename(path))[0].replace("grads_", "")
+    return api.cached_gradients(fns, adapters, tokenized, path, chunk, desc=f"gradients ({name})", mesh=mesh)
 
 
 def _check_settings(workdir, settings):
@@ -125,6 +124,7 @@ def _plot(rows, path, title):
 
 def main(argv):
     del argv
+    start = time.perf_counter()
     runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
     logging.set_verbosity(logging.WARNING)
     preset = study.PRESETS[FLAGS.preset]
@@ -192,7 +192,9 @@ def main(argv):
     print(f"\n{title}; fine-tune loss {final.get('loss', float('nan')):.3f} after {steps} steps")
     for value in dampings:  # one result set per damping value; fine-tuning, gradients and factors are shared
         result_dir = FLAGS.workdir if len(dampings) == 1 else os.path.join(FLAGS.workdir, f"damping_{value:g}")
-        _attribute_one_damping(dataclasses.replace(inputs, damping=value), task, result_dir, run_info, title)
+        path = _attribute_one_damping(dataclasses.replace(inputs, damping=value), task, result_dir, run_info, title)
+    where = f"; report: {path}" if path else ""
+    print(f"total {time.perf_counter() - start:.0f} s{where}")
 
 
 def _data_options() -> dict:
@@ -327,18 +329,24 @@ def _attribute_one_damping(inputs, task, result_dir, run_info, title):
     score_dir = os.path.join(FLAGS.workdir, "scores")
     rows, details = [], {}
     exact_scores = None
-    for method in tqdm(FLAGS.methods, desc=f"methods (damping {inputs.damping:g})", unit="method"):
+    all_scores = {}
+    for i, method in enumerate(FLAGS.methods):
+        clock = Stage(f"method {i + 1}/{len(FLAGS.methods)} {method} (damping {inputs.damping:g})")
         try:
             scores, seconds, info = _scores_of(method, inputs, score_dir)
             if exact_scores is None:
                 exact_scores = _scores_of("exact", inputs, score_dir)[0]
         except Exception as err:  # report the failure in the table and go on with the other methods
+            clock.close(note="failed")
             logging.error("method %s failed: %s", method, err)
             details[method] = {"error": f"{type(err).__name__}: {err}"}
             continue
+        clock.close()
         detail, row = _method_record(method, scores, seconds, info, exact_scores, task)
         # Per-method extra outputs: add keys to `detail` (results.json) and/or `row` (results.csv) here.
         _ground_truth_columns(scores, detail, row)
+        detail["top_rows"] = report.top_rows_table(scores, task.train.groups, FLAGS.top_k, seed=FLAGS.seed)
+        all_scores[method] = scores
         details[method] = detail
         rows.append(row)
 
@@ -367,6 +375,27 @@ def _attribute_one_damping(inputs, task, result_dir, run_info, title):
           "approximation error. lambda: the absolute damping each method used (a range when per block)")
     print(f"results: {result_dir}/results.json, results.csv, metrics.png")
     _ground_truth_table([dict(r) for r in rows], len(task.test_rows), len(task.train_rows), result_dir, title)
+    return _report(inputs, task, all_scores, result_dir, title)
+
+
+def _report(inputs, task, all_scores, result_dir, title):
+    """report.html: the first --report_queries test rows of each group, top/bottom --report_k rows per method with
+    per-token contributions (jaxinf.report); returns its path (None if disabled or no method ran)."""
+    if FLAGS.report_queries <= 0 or not all_scores:
+        return None
+    groups = [str(g) for g in task.test.groups]
+    queries = sorted(i for g in sorted(set(groups)) for i in [j for j, h in enumerate(groups) if h == g][
+        :FLAGS.report_queries])
+    explanations = report.explain(list(all_scores), inputs, tokenizer=inputs.fns.model.tokenizer,
+                                  train_rows=task.train_rows, test_rows=task.test_rows, k=FLAGS.report_k,
+                                  queries=queries, scores=all_scores, seed=FLAGS.seed)
+    path = os.path.join(result_dir, "report.html")
+    report.write_report(path, explanations, meta=[
+        f"{title}; {inputs.curvature}, damping {inputs.damping:g} ({inputs.damping_scope})",
+        f"test rows {queries} ({FLAGS.report_queries} per group); top and bottom {FLAGS.report_k} training rows "
+        "per method; results.json keeps the top/bottom --top_k of every test row"])
+    log(f"report: {path}")
+    return path
 
 
 if __name__ == "__main__":
