@@ -173,7 +173,7 @@ class StudyInputs:
 
             n = len(self.train.input_ids)
             size = max(d for d in range(1, min(self.preset.grad_chunk, n) + 1) if n % d == 0)
-            bs = [{k: np.asarray(b[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
+            bs = [{k: jax.numpy.asarray(b[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
                   for b in batches(self.train, size)]
             if self.curvature == "ggn":
                 op = ggn_operator(self.fns.logits, self.fns.output_loss, self.adapters, bs)

@@ -86,11 +86,12 @@ def test_metrics_of_the_binary_on_hand_made_scores(first_run, tmp_path):
     np.testing.assert_allclose(got["datainf"], (7 / 8, 7 / 8, 7 / 8))
 
 
+@pytest.mark.slow
 def test_damping_sweep_and_model_curvatures_in_one_workdir(first_run):
     """--damping=a,b writes one result set per value (reusing fine-tuning and gradients); --curvature=ggn|hessian
     runs the curvature methods on the model's operator with an exact float64 reference."""
     workdir = first_run[0]
-    methods = "grad_dot,exact,cg,lanczos,arnoldi,lissa,exact_layer"
+    methods = "grad_dot,exact,cg,lanczos,arnoldi,exact_layer"  # LiSSA on model operators: the CLI check (slow)
     _, stdout = _run(workdir, f"--methods={methods}", "--damping=0.01,1", "--curvature=ggn")
     lams = {}
     for f in ("0.01", "1"):
@@ -99,25 +100,97 @@ def test_damping_sweep_and_model_curvatures_in_one_workdir(first_run):
         assert res["damping"]["fraction"] == float(f) and res["damping"]["curvature"] == "ggn"
         lams[f] = res["damping"]["lambda"]
         assert [m for m in methods.split(",") if "error" in res["methods"][m]] == []
-        for m in ("exact", "cg", "lanczos", "arnoldi", "lissa", "exact_layer"):
+        for m in ("exact", "cg", "lanczos", "arnoldi", "exact_layer"):
             assert res["methods"][m]["lambda"] == lams[f], m
-        for m in ("exact", "cg", "lanczos", "arnoldi", "lissa"):
+        for m in ("exact", "cg", "lanczos", "arnoldi"):
             assert res["methods"][m]["curvature"] == "ggn", m
         assert res["methods"]["exact_layer"]["curvature"] == "fisher"  # says it could not share the GGN
         assert res["methods"]["exact"]["damped_matrix_positive_definite"]
         if res["methods"]["cg"]["converged"]:
             assert res["methods"]["cg"]["vs_exact"]["spearman"] > 0.99
     assert lams["1"] == pytest.approx(100 * lams["0.01"])
-    _, stdout = _run(workdir, "--methods=exact,cg,lanczos,arnoldi,lissa", "--curvature=hessian")
+    _, stdout = _run(workdir, "--methods=exact,cg,lanczos,arnoldi", "--curvature=hessian")
     with open(os.path.join(workdir, "results.json")) as fh:
         res = json.load(fh)
     exact = res["methods"]["exact"]
     assert exact["curvature"] == "hessian" and "negative_policy" in exact and "negative_eigenvalues" in exact
-    for m in ("cg", "lanczos", "arnoldi", "lissa"):  # each ran, or failed with its reason in the results
+    for m in ("cg", "lanczos", "arnoldi"):  # each ran, or failed with its reason in the results
         assert res["methods"][m].get("curvature") == "hessian" or "error" in res["methods"][m], m
 
 
 # ---------------------------------------------------------------- the study's maths on synthetic gradients
+
+
+class _Rows:
+    """The TokenizedRows fields the curvature operators read."""
+
+    def __init__(self, ids, mask, loss_mask):
+        self.input_ids, self.attention_mask, self.loss_mask = ids, mask, loss_mask
+
+    def __len__(self):
+        return len(self.input_ids)
+
+
+@pytest.mark.slow  # minutes on a loaded 2-core CPU; not yet seen passing (issue 10 ran out of time), see report
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_model_curvature_methods_against_a_dense_float64_inverse(curvature):
+    """--curvature=ggn|hessian: exact, cg and full-rank lanczos/arnoldi invert C + lambda I with lambda = f tr(C)/D,
+    C the model's GGN / Hessian of the mean training loss (here checked against jax.hessian of that loss, or J^T H J
+    from jax.jacfwd), on tiny-llama with a rank-1 LoRA on v_proj (D = 96), float64."""
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model
+
+    with jax.enable_x64(True):
+        model = load_model("tiny-llama", dtype=jnp.float64)
+        lora = LoraConfig(rank=1, alpha=4.0, targets=("v_proj",))
+        fns, adapters = LMFunctions(model, lora), init_adapters(jax.random.key(1), model, lora, b_std=0.3)
+        rng = np.random.default_rng(0)
+        make = lambda n: _Rows(rng.integers(3, 250, (n, 10)).astype(np.int32), np.ones((n, 10), np.int32),
+                               np.concatenate([np.zeros((n, 4)), np.ones((n, 6))], 1))
+        train, test = make(4), make(2)
+        grads = lambda rows: jax.jit(fns.per_example_grads)(adapters, {k: getattr(rows, k) for k in
+                                                                         ("input_ids", "attention_mask", "loss_mask")})
+        preset = study.dataclasses.replace(study.PRESETS["quick"], grad_chunk=2, krylov_iters=96, cg_iters=400)
+        inputs = study.StudyInputs(fns=fns, adapters=adapters, train=train, test=test, workdir="", preset=preset,
+                                   train_grads=grads(train), test_grads=grads(test), curvature=curvature, damping=0.5)
+        flat, unravel = ravel_pytree(adapters)
+        batch = {k: jnp.asarray(getattr(train, k)) for k in ("input_ids", "attention_mask", "loss_mask")}
+        if curvature == "hessian":
+            dense = jax.hessian(lambda x: fns.loss(unravel(x), batch))(flat)
+        else:
+            f = lambda x: fns.logits(unravel(x), batch)
+            logits, vjp = jax.vjp(f, flat)
+
+            def column(e):  # J^T H_out J e on the whole batch at once
+                je = jax.jvp(f, (flat,), (e,))[1]
+                hje = jax.jvp(jax.grad(lambda z: fns.output_loss(z, batch)), (logits,), (je,))[1]
+                return vjp(hje)[0]
+
+            dense = jax.jit(jax.vmap(column))(jnp.eye(flat.size))
+        dense = np.asarray(dense)
+        lam = 0.5 * np.trace(dense) / flat.size
+        assert inputs.global_lambda == pytest.approx(lam, rel=1e-6)
+        g, q = _flat_rows(inputs.train_grads), _flat_rows(inputs.test_grads)
+        ref = q @ np.linalg.solve(dense + lam * np.eye(flat.size), g.T)
+        for m in ("exact", "cg", "lanczos", "arnoldi"):
+            scores, _, info = study.run_method_with_info(m, inputs)
+            assert info["curvature"] == curvature and info["lambda"] == pytest.approx(lam, rel=1e-6), m
+            assert np.abs(scores - ref).max() < 1e-5 * np.abs(ref).max(), (m, np.abs(scores - ref).max())
+        assert info["curvature"] == curvature
+        _, _, exact_info = study.run_method_with_info("exact", inputs)
+        theta = np.linalg.eigvalsh(dense)
+        assert exact_info["negative_eigenvalues"] == int((theta < 0).sum())
+        assert exact_info["eigenvalue_min"] == pytest.approx(theta.min(), abs=1e-8 * abs(theta).max())
+        _, _, layer_info = study.run_method_with_info("exact_layer", inputs)
+        assert layer_info["curvature"] == "fisher" and layer_info["lambda"] == pytest.approx(lam, rel=1e-6)
+
+
+def _flat_rows(tree):
+    from jaxinf import attribution
+
+    return np.asarray(attribution.flatten_rows(tree), np.float64)
 
 
 def _synthetic(n=12, m=3, dims=(20, 14), seed=0, dtype=np.float64, scales=(1.0, 30.0), **kw):
@@ -168,6 +241,8 @@ def test_one_damping_shared_by_every_method_and_cg_reports_convergence():
             assert info["lambda"] == pytest.approx(lam, rel=1e-12), m
             if m in ("exact", "cg", "lanczos"):  # full-space solvers of the same matrix (Lanczos: 32 >= rank 12)
                 assert np.abs(scores - ref).max() < 1e-6 * np.abs(ref).max(), m
+            directions = study.METHODS[m].directions(inputs)  # d_q with score = <d_q, g_n> (per-token scores)
+            assert np.abs(directions @ g.T - scores).max() < 1e-8 * np.abs(scores).max(), m
         # exact_layer = the block-diagonal inverse, one block per LoRA matrix, with the SAME lambda
         bd = scipy.linalg.block_diag(dense[:20, :20], dense[20:, 20:])
         want = _flat(inputs.test_grads) @ np.linalg.solve(bd + lam * np.eye(34), g.T)
@@ -198,6 +273,8 @@ def test_block_scope_is_one_diagonal_damping_for_every_method():
             assert info["lambda"] == lams, m
             tol = 2e-2 if m == "lissa" else 1e-6
             assert np.abs(scores - ref).max() < tol * np.abs(ref).max(), m
+        directions = study.METHODS["exact"].directions(inputs)
+        assert np.abs(directions @ g.T - ref).max() < 1e-8 * np.abs(ref).max()
         bd = scipy.linalg.block_diag(dense[:20, :20], dense[20:, 20:])
         want = _flat(inputs.test_grads) @ np.linalg.solve(bd + np.diag(diag), g.T)
         got, _, _ = study.run_method_with_info("exact_layer", inputs)
