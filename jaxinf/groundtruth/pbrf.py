@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
-from tqdm.auto import tqdm
 
-from jaxinf import training
+from jaxinf import progress, training
 from jaxinf.models.loss import LMFunctions
 
 
@@ -102,13 +101,15 @@ def pbrf_scores(fns: LMFunctions, theta_s: Any, train: dict, queries: dict, rows
     l_q_s = _query_losses(fns, base, theta_s, queries)
     rows = np.asarray(rows, np.int64)
     scores, norms = [], []
-    for start in tqdm(range(0, len(rows), chunk), desc="pbrf", unit="chunk", disable=None):
-        part = rows[start:start + chunk]
-        padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part))])
-        delta, gnorm = _solve(fns, int(iters), base, theta_s, train, teacher, jnp.asarray(padded), eps, damping)
-        for j in range(len(part)):
-            l_q = _query_losses(fns, base, unravel(flat_s + eps * delta[j]), queries)
-            scores.append(-np.asarray(l_q - l_q_s, np.float64) / eps)
-        norms.extend(np.asarray(gnorm, np.float64)[:len(part)].tolist())
+    with progress.stage("PBRF", total=len(rows), unit="row") as bar:
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part))])
+            delta, gnorm = _solve(fns, int(iters), base, theta_s, train, teacher, jnp.asarray(padded), eps, damping)
+            for j in range(len(part)):
+                l_q = _query_losses(fns, base, unravel(flat_s + eps * delta[j]), queries)
+                scores.append(-np.asarray(l_q - l_q_s, np.float64) / eps)
+            norms.extend(np.asarray(gnorm, np.float64)[:len(part)].tolist())
+            bar.update(len(part))
     return {"scores": np.stack(scores, 1) if scores else np.zeros((queries["input_ids"].shape[0], 0)),
             "grad_norm": np.asarray(norms)}

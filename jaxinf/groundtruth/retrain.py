@@ -20,9 +20,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from jaxinf import training
+from jaxinf import progress, training
 from jaxinf.groundtruth.trajectory import WeightedRun, _query_losses
 
 
@@ -57,7 +56,7 @@ def retrain_losses(run: WeightedRun, weights: np.ndarray, queries: dict, *, chun
     dtype = run.default_weights().dtype
     static, (base, init, arrays, order, _, stop) = run._static(), run._dynamic(None)
     out = [done]
-    with tqdm(total=m, initial=done.shape[0], desc=desc, unit="run", disable=None) as bar:
+    with progress.stage(desc, total=m, initial=done.shape[0], unit="run") as bar:
         for start in range(done.shape[0], m, chunk):
             part = weights[start:start + chunk]
             padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)], 0)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from jaxinf import progress
 from jaxinf.groundtruth import agreement
 from jaxinf.groundtruth.pbrf import pbrf_scores
 from jaxinf.groundtruth.retrain import _queries, lds_masks, retrain_losses
@@ -90,8 +91,10 @@ def compute(run: WeightedRun, adapters: Any, queries: dict, config: GroundTruthC
         if not os.path.exists(path):
             start = time.perf_counter()
             if kind == "trajectory":
-                res = {"scores": trajectory_influence(run, _take(queries, qidx), query_chunk=config.query_chunk),
-                       "queries": qidx, "rows": np.arange(n)}
+                with progress.stage(f"trajectory influence ({len(qidx)} queries x {n} rows, one reverse pass "
+                                    "through the fine-tuning per query)"):
+                    scores = trajectory_influence(run, _take(queries, qidx), query_chunk=config.query_chunk)
+                res = {"scores": scores, "queries": qidx, "rows": np.arange(n)}
             elif kind == "loo":
                 rows = spread(n, config.loo_rows)
                 weights = np.ones((len(rows) + 1, n))
