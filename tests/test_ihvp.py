@@ -2,10 +2,12 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.flatten_util import ravel_pytree
 
 from jaxinf import curvature as cv
@@ -419,3 +421,36 @@ def test_contracts(s):
     x, info = jax.eval_shape(cg.solve, cg.fit(s.ops["fisher"]), s.v)  # the pure core traces
     assert set(info) >= {"ok", "iterations", "relative_residual"}
     assert jax.tree.structure(x) == jax.tree.structure(s.v)
+
+
+# ----------------------------------------------------------------------------- the pure core, with and without jit
+
+
+class PureSolveVariantsTest(chex.TestCase):
+    """`solver.solve(state, v)` is the traceable core users jit/vmap themselves: it must give the exact damped
+    solve both traced under `jax.jit` and run op by op (chex.variants), for the solvers whose answer is exact."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        with x64():
+            cls.prob = toy.mlp_problem(0)
+            cls.op = cv.fisher_operator(cls.prob.per_example_loss_fn, cls.prob.params, cls.prob.batches)
+            cls.dense = np.asarray(cv.dense_matrix(cls.op))
+            flat_p, unravel = ravel_pytree(cls.prob.params)
+            cls.v = unravel(jnp.asarray(np.random.default_rng(7).standard_normal(flat_p.shape)))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("direct", lambda: ihvp.direct(1e-2)),
+        ("cg", lambda: ihvp.cg(1e-2, tol=1e-12, maxiter=1000)),
+        ("lanczos_full_rank", lambda: ihvp.lanczos(1e-2, num_iters=173, reorthogonalize=True)),  # 173 parameters
+    )
+    def test_pure_solve_equals_dense_solve(self, make):
+        with x64():
+            solver = make()
+            state = solver.fit(self.op, KEY)
+            x, info = self.variant(solver.solve)(state, self.v)
+            chex.assert_trees_all_equal_shapes_and_dtypes(x, self.v)
+            assert bool(info["ok"])
+            assert rel(flat(x), exact(self.dense, 1e-2, self.v)) < 1e-6
