@@ -78,6 +78,9 @@ cli.define_data_flags()  # --data, --test_data/--test_fraction, columns, --templ
 flags.DEFINE_integer("top_k", 10, "per method and test row, the top-k and bottom-k training rows kept in results.json")
 flags.DEFINE_integer("report_queries", 1, "test rows per group explained in report.html (0 = no report)")
 flags.DEFINE_integer("report_k", 3, "training rows per method shown in report.html (top and bottom each)")
+flags.DEFINE_list("report_methods", ["grad_dot", "tracin", "exact", "ekfac", "repsim"],
+                  "methods shown side by side in report.html (those of --methods that ran; each refits its "
+                  "preconditioner for the report's queries, so the list is short by default)")
 
 
 def _gradients(fns, adapters, tokenized, path, chunk, mesh=None):
@@ -380,6 +383,7 @@ def _attribute_one_damping(inputs, task, result_dir, run_info, title):
 def _report(inputs, task, all_scores, result_dir, title):
     """report.html: the first --report_queries test rows of each group, top/bottom --report_k rows per method with
     per-token contributions (jaxinf.report); returns its path (None if disabled or no method ran)."""
+    all_scores = {m: all_scores[m] for m in FLAGS.report_methods if m in all_scores}
     if FLAGS.report_queries <= 0 or not all_scores:
         return None
     groups = [str(g) for g in task.test.groups]

@@ -23,6 +23,7 @@ def _run(args, tmp_path, timeout=3600):
     return proc
 
 
+@pytest.mark.slow  # over a minute of CPU: the default job stays near 10 minutes
 def test_bench_gpu_toy_parts_a_and_b(tmp_path):
     out = tmp_path / "gpu.json"
     _run(["experiments.bench_gpu", "--toy", "--parts=gpt2,llama7b", f"--out={out}"], tmp_path)
@@ -47,6 +48,7 @@ def test_bench_gpu_toy_study_part(tmp_path):
     assert study["failed"] == [] and set(study["methods"]) == {"grad_dot", "ekfac"}
 
 
+@pytest.mark.slow  # over a minute of CPU: the default job stays near 10 minutes
 def test_bench_memory_tiny(tmp_path):
     out = tmp_path / "mem.json"
     _run(["experiments.bench_memory", "--model=tiny-llama", "--limit_train=8", "--limit_test=4", "--epochs=1",

@@ -48,6 +48,7 @@ def _rho(a, b) -> float:
     return float(np.mean([scipy.stats.spearmanr(x, y).statistic for x, y in zip(a, b)]))
 
 
+@pytest.mark.slow  # over a minute of CPU: the default job stays near 10 minutes
 def test_bfloat16_scores_rank_like_float32(task):
     ref, _, _ = _scores(jnp.float32, task)
     got, grads, factors = _scores(jnp.bfloat16, task)
