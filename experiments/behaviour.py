@@ -26,7 +26,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from jaxinf import analysis, cli, recipes, study, training
+from jaxinf import analysis, cli, recipes, runtime, study, training
 from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
 from jaxinf.models.generate import greedy_generate_batch
 
@@ -117,6 +117,7 @@ def _plot(rows, path, title, backdoor):
 
 def main(argv):
     del argv
+    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
     logging.set_verbosity(logging.WARNING)
     preset = study.PRESETS[FLAGS.preset]
     try:

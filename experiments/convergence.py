@@ -28,7 +28,7 @@ import numpy as np
 import scipy.stats
 from absl import app, flags, logging
 
-from jaxinf import analysis, attribution, cli, recipes, study, training
+from jaxinf import analysis, attribution, cli, recipes, runtime, study, training
 from jaxinf.evaluation import evaluate
 from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
 
@@ -109,6 +109,7 @@ def _plot(records, methods, path, title):
 
 def main(argv):
     del argv
+    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
     logging.set_verbosity(logging.WARNING)
     _check_methods(FLAGS.methods)
     if FLAGS.checkpoints < 1 or FLAGS.epochs <= 0:

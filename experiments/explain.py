@@ -18,7 +18,7 @@ import time
 
 from absl import app, flags, logging
 
-from jaxinf import api, study
+from jaxinf import api, runtime, study
 from jaxinf.models import DEFAULT_MODEL
 
 FLAGS = flags.FLAGS
@@ -76,6 +76,7 @@ def _short(text: str, n: int = 90) -> str:
 
 def main(argv):
     del argv
+    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
     start = time.perf_counter()
     logging.set_verbosity(logging.WARNING)
     unknown = [m for m in FLAGS.methods if m not in study.METHODS]

@@ -32,7 +32,7 @@ import scipy.sparse.linalg
 import scipy.stats
 from absl import app, flags, logging
 
-from jaxinf import analysis, attribution, cli, ihvp, recipes, study, training
+from jaxinf import analysis, attribution, cli, ihvp, recipes, runtime, study, training
 from jaxinf.curvature import dense_matrix, hutchinson_trace
 from jaxinf.curvature.cached import gradient_fisher_operator
 from jaxinf.evaluation import evaluate
@@ -161,6 +161,7 @@ def _plot(records, kinds, path, title):
 
 def main(argv):
     del argv
+    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
     logging.set_verbosity(logging.WARNING)
     bad = [k for k in FLAGS.curvatures if k not in analysis.spectrum.KINDS]
     if bad:
