@@ -1,4 +1,6 @@
-r"""Collect results.json of several attribute runs into one CSV and Markdown tables (Acc, Cover, AUC).
+r"""Collect results.json of several attribute runs into one CSV and Markdown tables (Acc, Cover, AUC, and each
+ground truth's agreement when the runs computed one). A solver that did not converge (CG at its iteration limit)
+is marked with `*` in every table and `converged=False` in the CSV.
 
     python -m experiments.summarize --runs=runs/study --out=results/study_quick
 """
@@ -28,14 +30,32 @@ def _load(runs_dir):
     return [(d, found[d]) for d in order]
 
 
+GT_TITLES = {"trajectory": "Spearman with trajectory influence (the exact derivative of the fine-tuning run)",
+             "lds": "LDS (Spearman, across retrained subsets, of summed scores with the retrained query loss)",
+             "loo": "Spearman with leave-one-out retraining", "pbrf": "Spearman with the PBRF"}
+
+
+def _value(d, metric):
+    """A method's metric: d[metric]["value"] for Acc/Cover/AUC, d["ground_truth"][kind]["value"] for gt_<kind>."""
+    if metric.startswith("gt_"):
+        return d.get("ground_truth", {}).get(metric[3:], {}).get("value")
+    return d.get(metric, {}).get("value")
+
+
+def _cell(d, metric):
+    if "error" in d:
+        return "failed"
+    v = _value(d, metric)
+    if v is None:
+        return ""
+    return f"{v:.2f}" + ("*" if d.get("converged") is False else "")
+
+
 def _table(runs, metric, methods):
     head = "| data (train/test) | " + " | ".join(methods) + " |"
     lines = [head, "|" + "---|" * (len(methods) + 1)]
     for name, res in runs:
-        cells = []
-        for m in methods:
-            d = res["methods"].get(m, {})
-            cells.append("failed" if "error" in d else ("" if metric not in d else f"{d[metric]['value']:.2f}"))
+        cells = [_cell(res["methods"].get(m, {}), metric) for m in methods]
         lines.append(f"| {name} ({res['n_train']}/{res['n_test']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -46,11 +66,13 @@ def main(argv):
     if not runs:
         raise app.UsageError(f"no */results.json under {FLAGS.runs}: run experiments.attribute first")
     methods = [m for m in ALL_METHODS if any(m in r["methods"] for _, r in runs)]
+    kinds = [k for k in GT_TITLES if any(k in r.get("ground_truth", {}) for _, r in runs)]
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out + ".csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["data", "n_train", "n_test", "method", "acc", "acc_lo", "acc_hi", "cover", "cover_lo",
-                         "cover_hi", "auc", "spearman_vs_exact", "seconds"])
+                         "cover_hi", "auc", "spearman_vs_exact", "seconds", "lambda", "converged",
+                         *[f"gt_{k}" for k in kinds]])
         for name, res in runs:
             for m in methods:
                 d = res["methods"].get(m)
@@ -58,7 +80,8 @@ def main(argv):
                     continue
                 writer.writerow([name, res["n_train"], res["n_test"], m, d["acc"]["value"], *d["acc"]["ci"],
                                  d["cover"]["value"], *d["cover"]["ci"], d["auc"]["value"],
-                                 d["vs_exact"]["spearman"], d["seconds"]])
+                                 d["vs_exact"]["spearman"], d["seconds"], d.get("lambda", ""),
+                                 d.get("converged", ""), *[_value(d, f"gt_{k}") for k in kinds]])
     first = runs[0][1]
     parts = [f"Model {first['model']}, preset {first['preset']}, seed {first['seed']}, loss on "
              f"{first['loss_on']}, RepSim pooling {first['repsim_pooling']}. Bootstrap 95% intervals in "
@@ -66,6 +89,11 @@ def main(argv):
              "\n**Acc** (top-1 training row in the test row's group)\n", _table(runs, "acc", methods),
              "\n**Cover** (fraction of the top-c rows in the group, c = group size)\n", _table(runs, "cover", methods),
              "\n**ROC-AUC** (same-group rows ranked above the rest)\n", _table(runs, "auc", methods)]
+    for kind in kinds:
+        parts += [f"\n**{GT_TITLES[kind]}**\n", _table(runs, f"gt_{kind}", methods)]
+    if any(d.get("converged") is False for _, r in runs for d in r["methods"].values()):
+        parts.append("\n`*` did not converge (CG reached its iteration limit above its tolerance; see "
+                     "relative_residual in results.json).")
     with open(FLAGS.out + ".md", "w") as f:
         f.write("\n".join(parts) + "\n")
     print("\n".join(parts))
