@@ -114,39 +114,56 @@ def step_rng(seed: int, step) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def weighted_step(fns: LMFunctions, optimizer: optax.GradientTransformation, grad_accum: int, mesh=None):
-    """The pure (unjitted) optimiser step with per-slot weights, shared by `make_train_step` and the scanned
-    trainer of `jaxinf.groundtruth`:
+def weighted_gradient(fns: LMFunctions, grad_accum: int, mesh=None):
+    """The pure weighted batch gradient, shared by `weighted_step` and the adjoint of `jaxinf.groundtruth`:
 
-        (base, trainable, opt_state, batch, weights [B], rng) -> (trainable, opt_state, loss, grads, updates),
+        (base, trainable, batch, weights [B], rng) -> (loss, grads, slot_losses [B]),
 
-    loss = (1/B) sum_b weights[b] L_b (the mean over the batch slots, so weights = 1 is the ordinary mean-loss
-    step and a weight 0 masks a slot without changing the other slots' data), computed over `grad_accum`
-    micro-batches of B / grad_accum slots (micro-batch i uses LoRA-dropout key fold_in(rng, i)) and averaged.
+    loss = (1/B) sum_b weights[b] L_b (the mean over the batch slots, so weights = 1 is the ordinary mean loss and
+    a weight 0 masks a slot without changing the other slots' data) and grads its gradient, computed over
+    `grad_accum` micro-batches of B / grad_accum slots (micro-batch i uses LoRA-dropout key fold_in(rng, i)) and
+    averaged; slot_losses are the unweighted L_b with those keys (so d grads / d weights[b] = grad L_b / B).
     With a `mesh` (`jaxinf.sharding`) each micro-batch is split over its data axis (the gradient mean becomes an
     all-reduce); pass base weights and batch placed with `sharding.shard_params` / `sharding.shard_rows`.
     """
 
-    def step(base, trainable, opt_state, batch, weights, rng):
+    def gradient(base, trainable, batch, weights, rng):
         lm = fns.with_base(base)
 
         def loss_fn(p, mb, mw, key):
-            return jnp.mean(mw * lm.per_example_loss(p, mb, key))
+            per_example = lm.per_example_loss(p, mb, key)
+            return jnp.mean(mw * per_example), per_example
 
-        grad_fn = jax.value_and_grad(loss_fn)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), (batch, weights))
         if mesh is not None:  # split each micro-batch over the data axis, not the accumulation axis
             micro = jax.lax.with_sharding_constraint(micro, jax.NamedSharding(mesh, jax.P(None, sharding.DATA)))
 
         def accumulate(carry, inputs):
             i, (mb, mw) = inputs
-            loss, grads = grad_fn(trainable, mb, mw, jax.random.fold_in(rng, i))
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            (loss, per_example), grads = grad_fn(trainable, mb, mw, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), per_example
 
-        dtype = jax.eval_shape(loss_fn, trainable, *jax.tree.map(lambda x: x[0], micro), rng).dtype
+        dtype = jax.eval_shape(loss_fn, trainable, *jax.tree.map(lambda x: x[0], micro), rng)[0].dtype
         zero = (jnp.zeros((), dtype), jax.tree.map(jnp.zeros_like, trainable))
-        (loss, grads), _ = jax.lax.scan(accumulate, zero, (jnp.arange(grad_accum), micro))
-        loss, grads = loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
+        (loss, grads), per_example = jax.lax.scan(accumulate, zero, (jnp.arange(grad_accum), micro))
+        return loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads), per_example.reshape(-1)
+
+    return gradient
+
+
+def weighted_step(fns: LMFunctions, optimizer: optax.GradientTransformation, grad_accum: int, mesh=None):
+    """The pure (unjitted) optimiser step with per-slot weights, shared by `make_train_step` and the scanned
+    trainer of `jaxinf.groundtruth`:
+
+        (base, trainable, opt_state, batch, weights [B], rng) -> (trainable, opt_state, loss, grads, updates),
+
+    the `optimizer` applied to `weighted_gradient`'s gradient of (1/B) sum_b weights[b] L_b.
+    """
+    gradient = weighted_gradient(fns, grad_accum, mesh)
+
+    def step(base, trainable, opt_state, batch, weights, rng):
+        loss, grads, _ = gradient(base, trainable, batch, weights, rng)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss, grads, updates
 
@@ -281,7 +298,8 @@ def train(
         log = _read_log(log_path, start)
         _write_log(log_path, log)
         end = total if stop_after is None else min(total, stop_after)
-        trainable, opt_state = state["trainable"], state["opt_state"]
+        trainable, opt_state = sharding.replicate((state["trainable"], state["opt_state"]), mesh)  # one compilation
+        init_trainable = sharding.replicate(init_trainable, mesh)
         step = start
         bar = Stage("fine-tune", total, unit="step", initial=start, enabled=start < end)  # plain lines off a tty
         try:

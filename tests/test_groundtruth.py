@@ -71,6 +71,16 @@ def test_trajectory_influence_equals_finite_differences_of_whole_runs(setup, tra
     assert np.abs(exact).min() > 1e-7  # every checked derivative is non-trivial
 
 
+def test_adjoint_equals_reverse_over_reverse_through_the_scan(setup, trajectory):
+    _, _, _, run, queries = setup
+    with jax.enable_x64(True):
+        autodiff = trajectory_influence(run, queries, method="autodiff")
+        chunked_at3 = trajectory_influence(run, queries, steps=3, query_chunk=2)
+        autodiff_at3 = trajectory_influence(run, queries, steps=3, method="autodiff")
+    assert np.max(np.abs(trajectory - autodiff)) <= 1e-10 * np.max(np.abs(autodiff))
+    assert np.max(np.abs(chunked_at3 - autodiff_at3)) <= 1e-10 * np.max(np.abs(autodiff_at3))
+
+
 def test_intermediate_step_is_the_derivative_of_the_shorter_run(setup):
     _, _, _, run, queries = setup
     with jax.enable_x64(True):
