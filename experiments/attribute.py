@@ -57,14 +57,13 @@ flags.DEFINE_string("mesh", None, "device mesh for the heavy stages, e.g. data=8
                     "to the device count; the same numbers as one device (default: one device)")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "base weights and activations (default float32); LoRA "
                   "adapters, their updates, gradients, K-FAC factors and scores stay float32")
-flags.DEFINE_list("ground_truth", None,
-                  f"counterfactual ground truths from {list(gt_study.KINDS)}; every method's agreement with each "
-                  "(LDS; mean per-query Spearman for the others) goes into results and gt_agreement.png. Default: none "
-                  "(on SmolLM2 on a 2-core CPU, compiling the reverse pass of trajectory influence alone took over 7 "
-                  "minutes, which would push README command 1 past 15 minutes)")
-flags.DEFINE_integer("gt_queries", 2, "test rows (spread evenly) for trajectory / loo / pbrf (0 = all); LDS uses all "
-                     "(the quick default keeps README command 1 near 15 minutes on 2 CPU cores)")
-flags.DEFINE_integer("gt_subsets", 6, "LDS: retrained random subsets (the quick default: a coarse LDS; use 50-100)")
+flags.DEFINE_list("ground_truth", ["trajectory", "lds"],
+                  f"counterfactual ground truths from {list(gt_study.KINDS)} (empty: none); every method's agreement "
+                  "with each (LDS; mean per-query Spearman for the others) goes into results and gt_agreement.png")
+flags.DEFINE_integer("gt_queries", 1, "test rows (spread evenly) for trajectory / loo / pbrf (0 = all); LDS uses all "
+                     "(the quick default keeps README command 1's cost down on 2 CPU cores; use 4 or more)")
+flags.DEFINE_integer("gt_subsets", 4, "LDS: retrained random subsets (the quick default: a coarse LDS, each subset costs "
+                     "one fine-tuning run; use 50-100)")
 flags.DEFINE_float("gt_fraction", 0.5, "LDS: fraction of the training rows each subset keeps")
 flags.DEFINE_integer("gt_loo_rows", 8, "leave-one-out: training rows (spread evenly; 0 = all) retrained without")
 flags.DEFINE_integer("gt_pbrf_rows", 8, "PBRF: training rows (spread evenly; 0 = all)")
@@ -276,8 +275,9 @@ def _ground_truth_table(rows, n_test, n_train, result_dir, title):
         print(f"{r['method']:14s} " + " ".join(f"{c:>16s}" for c in cells))
     facts = {k: v for k, v in gt_study.summary(_GROUND_TRUTH).items()}
     print("ground truths: " + "; ".join(f"{k} {v['seconds']:.0f} s" + (
-        f" ({v['subsets']} subsets of {v['fraction']:.2f}, replay error {v['replay_error']:.1e})" if k == "lds"
-        else f" ({len(v['queries'])} queries x {v['rows']} rows)") for k, v in facts.items()))
+        f" ({v['subsets']} subsets of {v['fraction']:.2f})" if k == "lds"
+        else f" ({len(v['queries'])} queries x {v['rows']} rows)") + (
+        f", replay error {v['replay_error']:.1e}" if "replay_error" in v else "") for k, v in facts.items()))
     print(f"ground truth: {result_dir}/ground_truth.json (value, lo, hi per method, ground truths included), "
           "gt_agreement.png")
 

@@ -5,7 +5,8 @@ r"""Cost of the ground truths relative to one fine-tuning run, measured in one p
 
 One fine-tuning run = the scanned trainer at unit weights (`WeightedRun.final`, the same computation as
 `jaxinf.training.train`'s steps). Each stage is called once to compile and then timed warm (`--repeats`, median):
-trajectory influence of `--queries` queries (one forward scan + a vmapped reverse pass), one LDS retrain (a
+trajectory influence of `--queries` queries (the adjoint: one forward scan keeping every step's state, then
+one backward pass of forward-over-reverse steps vmapped over the queries), one LDS retrain (a
 masked run, chunk 1), and the run itself. Reported: seconds and the ratios trajectory / run, trajectory per query
 / run, LDS subset / run, plus compile seconds.
 """

@@ -187,5 +187,5 @@ def test_study_binary_scores_every_method_against_every_ground_truth(tmp_path):
     for method in ("grad_dot", "exact", "repsim"):
         agree = results["methods"][method]["ground_truth"]
         assert set(agree) == kinds and all(-1.0 <= agree[k]["value"] <= 1.0 for k in kinds), agree
-    assert results["ground_truth"]["lds"]["replay_error"] < 1e-4  # the scan replays the fine-tuning (float32)
+    assert results["ground_truth"]["trajectory"]["replay_error"] < 1e-4  # the scan replays the fine-tuning (float32)
     assert (tmp_path / "gt_agreement.png").stat().st_size > 0 and "agreement with counterfactual" in proc.stdout

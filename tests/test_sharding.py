@@ -226,6 +226,7 @@ def test_fsdp_spec_picks_the_largest_divisible_dimension():
 def _study(workdir, env, *flags):
     cmd = [sys.executable, "-m", "experiments.attribute", "--model=tiny-llama", "--data=backdoor", "--limit_train=16",
            "--limit_test=4", "--epochs=1", "--methods=grad_dot,ekfac", "--bootstrap=50", "--report_queries=0",
+           "--ground_truth=",
            f"--workdir={workdir}", *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,7 +19,8 @@ FAST_METHODS = "grad_dot,grad_cos,tracin,datainf,exact_layer,exact,lissa,cg,arno
 
 def _run(workdir, *flags):
     cmd = [sys.executable, "-m", "experiments.attribute", "--model=tiny-llama", "--data=backdoor",
-           "--limit_train=24", "--limit_test=8", "--epochs=2", "--bootstrap=200", f"--workdir={workdir}", *flags]
+           "--limit_train=24", "--limit_test=8", "--epochs=2", "--bootstrap=200", "--ground_truth=",
+           f"--workdir={workdir}", *flags]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "results.json")) as f:

@@ -5,10 +5,11 @@ Kinds (all scores in the library's sign: larger = the training row helps the que
   loo         L_q(without n) - L_q(full), by retraining, for `loo_rows` rows spread evenly over the training set
   pbrf        minus the PBRF response (L_q(theta*(eps)) - L_q(theta_s)) / eps for `pbrf_rows` rows
   lds         query losses of runs retrained on `lds_subsets` random subsets of fraction `lds_fraction`
-Trajectory, LOO and PBRF cost a reverse pass or a solve per query (or row), so they use `max_queries` test rows
+Trajectory, LOO and PBRF cost a backward pass or a solve per query (or row), so they use `max_queries` test rows
 spread evenly over the test set (all when None); LDS retrains cost the same for any number of queries and use all.
-The retrains start with one run with every weight 1: its query losses must equal those of the fine-tuned adapters
-(`replay_error`), which checks that the scanned trainer replays `jaxinf.training.train`.
+Trajectory's forward pass (every weight 1) must end on the fine-tuned adapters: `replay_error`, the largest
+parameter difference, checks that the scanned trainer replays `jaxinf.training.train` (free: the adjoint needs
+that pass anyway; LOO's first retrain is the full run too).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import os
 import time
 from typing import Any, Optional
 
+import jax
 import numpy as np
 
 from jaxinf import progress
 from jaxinf.groundtruth import agreement
 from jaxinf.groundtruth.pbrf import pbrf_scores
-from jaxinf.groundtruth.retrain import _queries, lds_masks, retrain_losses
-from jaxinf.groundtruth.trajectory import WeightedRun, trajectory_influence
+from jaxinf.groundtruth.retrain import lds_masks, retrain_losses
+from jaxinf.groundtruth.trajectory import WeightedRun, forward_states, trajectory_influence
 
 KINDS = ("trajectory", "lds", "loo", "pbrf")
 
@@ -91,10 +93,13 @@ def compute(run: WeightedRun, adapters: Any, queries: dict, config: GroundTruthC
         if not os.path.exists(path):
             start = time.perf_counter()
             if kind == "trajectory":
-                with progress.stage(f"trajectory influence ({len(qidx)} queries x {n} rows, one reverse pass "
-                                    "through the fine-tuning per query)"):
-                    scores = trajectory_influence(run, _take(queries, qidx), query_chunk=config.query_chunk)
-                res = {"scores": scores, "queries": qidx, "rows": np.arange(n)}
+                with progress.stage(f"trajectory influence ({len(qidx)} queries x {n} rows: a forward pass, then "
+                                    "the adjoint backwards through every step)"):
+                    forward = forward_states(run)
+                    scores = trajectory_influence(run, _take(queries, qidx), query_chunk=config.query_chunk,
+                                                  forward=forward)
+                res = {"scores": scores, "queries": qidx, "rows": np.arange(n),
+                       "replay_error": _max_difference(forward[0], adapters)}
             elif kind == "loo":
                 rows = spread(n, config.loo_rows)
                 weights = np.ones((len(rows) + 1, n))
@@ -104,12 +109,9 @@ def compute(run: WeightedRun, adapters: Any, queries: dict, config: GroundTruthC
                 res = {"scores": (losses[1:] - losses[:1]).T, "queries": qidx, "rows": rows}
             elif kind == "lds":
                 masks = lds_masks(n, config.lds_subsets, config.lds_fraction, config.seed)
-                weights = np.concatenate([np.ones((1, n)), masks], 0)
-                losses = retrain_losses(run, weights, queries, chunk=config.retrain_chunk,
-                                        cache=path[:-4] + "_retrains.npz", desc="LDS subsets")
-                full = np.asarray(run.fns.per_example_loss(adapters, _queries(queries)))
-                res = {"masks": masks, "losses": losses[1:], "full_losses": losses[0],
-                       "replay_error": float(np.max(np.abs(losses[0] - full)))}
+                losses = retrain_losses(run, masks, queries, chunk=config.retrain_chunk,
+                                        cache=path[:-4] + "_subsets.npz", desc="LDS subsets")
+                res = {"masks": masks, "losses": losses}
             else:  # pbrf
                 rows = spread(n, config.pbrf_rows)
                 pb = pbrf_scores(run.fns, adapters, run.data, _take(queries, qidx), rows, eps=config.pbrf_eps,
@@ -121,6 +123,11 @@ def compute(run: WeightedRun, adapters: Any, queries: dict, config: GroundTruthC
         with np.load(path) as saved:
             out[kind] = {k: saved[k] for k in saved.files}
     return out
+
+
+def _max_difference(a: Any, b: Any) -> float:
+    return float(max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+                     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
 
 
 def agreement_with(scores: np.ndarray, truths: dict, *, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -159,10 +166,11 @@ def summary(truths: dict) -> dict:
     for kind, t in truths.items():
         d = {"seconds": float(t["seconds"])}
         if kind == "lds":
-            d.update(subsets=int(t["masks"].shape[0]), fraction=float(t["masks"].mean()),
-                     replay_error=float(t["replay_error"]))
+            d.update(subsets=int(t["masks"].shape[0]), fraction=float(t["masks"].mean()))
         else:
             d.update(queries=[int(i) for i in t["queries"]], rows=int(len(t["rows"])))
+        if "replay_error" in t:
+            d["replay_error"] = float(t["replay_error"])
         if "grad_norm" in t:
             d["max_grad_norm"] = float(np.max(t["grad_norm"])) if t["grad_norm"].size else 0.0
         out[kind] = d

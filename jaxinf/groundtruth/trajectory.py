@@ -162,6 +162,13 @@ def _forward_states(fns, config, total_steps, base, init, arrays, order, weights
     return final, states
 
 
+def forward_states(run: WeightedRun):
+    """(final adapters, states) of `run` at unit weights: states = (theta_s, opt_s, g_s) stacked over the steps
+    s < S, each before step s (what the adjoint needs; S copies of the adapters' size, kept on the device)."""
+    with progress.stage(f"trajectory: forward pass keeping the {run.total_steps} steps' states"):
+        return jax.block_until_ready(_forward_states(*run._static(), *run._dynamic(None)[:-1]))
+
+
 def _float_leaves(tree) -> list:
     """The differentiable (inexact) leaves of an optimiser state; step counters carry no derivative."""
     return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -229,20 +236,22 @@ def _chunks(queries: dict, chunk: int):
 
 
 def trajectory_influence(run: WeightedRun, queries: dict, *, steps: Optional[int] = None,
-                         query_chunk: Optional[int] = None, method: str = "adjoint") -> np.ndarray:
+                         query_chunk: Optional[int] = None, method: str = "adjoint", forward=None) -> np.ndarray:
     """score[q, n] = -d L_q(theta_steps(w)) / d w_n at w = 1, shape [Q, N] (float64 on the host).
 
     `steps` < total gives the derivative of the query loss at that intermediate step of the same run;
     `query_chunk` queries go through one backward pass at once (default: all); `method`: "adjoint" (default) or
-    "autodiff" (see the module docstring: the same derivative, slower to compile).
+    "autodiff" (see the module docstring: the same derivative, slower to compile); `forward`: the adjoint's
+    `forward_states(run)` when already computed.
     """
     return trajectory_influence_steps(run, queries, [run.total_steps if steps is None else steps],
-                                      query_chunk=query_chunk, method=method)[run.total_steps if steps is None
+                                      query_chunk=query_chunk, method=method, forward=forward)[run.total_steps if steps is None
                                                                             else int(steps)]
 
 
 def trajectory_influence_steps(run: WeightedRun, queries: dict, steps: Sequence[int], *,
-                               query_chunk: Optional[int] = None, method: str = "adjoint") -> dict[int, np.ndarray]:
+                               query_chunk: Optional[int] = None, method: str = "adjoint",
+                               forward=None) -> dict[int, np.ndarray]:
     """{t: trajectory influence at step t} for each t in `steps` (one forward scan shared by every t with the
     adjoint; one backward pass per step t and chunk of queries)."""
     if method not in ("adjoint", "autodiff"):
@@ -258,8 +267,7 @@ def trajectory_influence_steps(run: WeightedRun, queries: dict, steps: Sequence[
         w = run.default_weights()
         return {t: -np.concatenate([np.asarray(_query_jacobian(*run._static(), *run._dynamic(w, t), part))
                                     for part in _chunks(queries, chunk)], 0).astype(np.float64) for t in steps}
-    with progress.stage(f"trajectory: forward pass keeping the {run.total_steps} steps' states"):
-        final, states = _forward_states(*run._static(), *run._dynamic(None)[:-1])
+    final, states = forward_states(run) if forward is None else forward
     out = {}
     for t in steps:
         parts = [_adjoint(run, part, t, final, states, f"trajectory: backward from step {t}")
