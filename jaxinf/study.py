@@ -35,6 +35,7 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+import jax.flatten_util
 import numpy as np
 import scipy.linalg
 import scipy.stats
@@ -197,6 +198,25 @@ class StudyInputs:
                 self._cache[key] = np.linalg.eigh(0.5 * (mat + mat.T))
         return self._cache[key]
 
+    @property
+    def solver_operator(self):
+        """The operator the full-space solvers (cg, lissa, lanczos, arnoldi) invert: the cached gradient Fisher, or
+        the model GGN / Hessian. When the dense model matrix M was built (at most DENSE_MAX_DIM adapter
+        parameters, for `exact`), it is applied as M v in the adapters' dtype: the same matrix, but each of
+        LiSSA's thousands of products costs a matrix-vector product instead of a pass over the training rows."""
+        if self.curvature == "fisher":
+            return self.fisher
+        if self.model_spectrum is None:
+            return self.model_operator
+        key = ("dense_operator", self.curvature)
+        if key not in self._cache:
+            from jaxinf.curvature.operators import hessian_operator
+
+            w, v = self.model_spectrum
+            matrix = jax.numpy.asarray((v * w) @ v.T, jax.tree.leaves(self.adapters)[0].dtype)
+            self._cache[key] = hessian_operator(_quadratic_form, self.adapters, [{"matrix": matrix}])
+        return self._cache[key]
+
     def curvature_trace(self) -> tuple[float, str]:
         """(tr C, how it was computed) of the curvature being inverted."""
         key = ("trace", self.curvature)
@@ -290,6 +310,12 @@ def _solver_report(name: str, state, info) -> dict:
     return out
 
 
+def _quadratic_form(params, batch) -> jax.Array:
+    """(1/2) p^T M p for M = batch["matrix"] (symmetric): its Hessian is M, so `hessian_operator` applies M."""
+    flat = jax.flatten_util.ravel_pytree(params)[0]
+    return 0.5 * flat @ (batch["matrix"] @ flat)
+
+
 def _solver_method(make: Callable[[StudyInputs, Any], ihvp.IHVPSolver], name: str):
     """A solver on the run's curvature with the run's damping: global scope, (C + lambda I)^{-1} q with the
     absolute lambda; block scope, Lambda^{-1/2} (F' + I)^{-1} Lambda^{-1/2} q with F' the Fisher of the rescaled
@@ -305,7 +331,7 @@ def _solver_method(make: Callable[[StudyInputs, Any], ihvp.IHVPSolver], name: st
             out, lam = _flat(inputs.scaled(xs)), inputs.block_lambdas
         else:
             lam = inputs.global_lambda
-            op = inputs.model_operator if curvature != "fisher" else inputs.fisher
+            op = inputs.solver_operator if curvature != "fisher" else inputs.fisher
             solver = make(inputs, ihvp.absolute(lam))
             state = solver.fit(op, key)
             xs, info = solver.apply_batched_with_info(state, inputs.test_grads)
