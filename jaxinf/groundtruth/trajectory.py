@@ -175,10 +175,14 @@ def _float_leaves(tree) -> list:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _adjoint_step(fns, config, total_steps, base, state, batch, w_batch, rng, a_theta, a_opt):
-    """Adjoints of step s's input from those of its output, for a stack of Q queries (leading axis of a_theta and
-    of every leaf of a_opt): returns (a_theta_s, a_opt_s, a_w [Q, B]), a_w[q, b] = d L_q / d w of slot b here."""
-    theta, opt, grads = state
+def _adjoint_step(fns, config, total_steps, base, states, arrays, order, weights, s, a_theta, a_opt, a_w):
+    """Adjoints of step s's input from those of its output, for a stack of Q queries (leading axis of a_theta, of
+    every leaf of a_opt and of a_w [Q, N]); a_w gains d L_q / d w_n of the rows in step s's slots. The step's state,
+    batch and key are taken inside, so a backward step is one dispatch with no host round-trip."""
+    theta, opt, grads = jax.tree.map(lambda x: x[s], states)
+    idx = order[s]
+    batch = {k: jnp.take(v, idx, axis=0) for k, v in arrays.items()}
+    w_batch, rng = weights[idx], training.step_rng(config.seed, s)
     optimizer = training.make_optimizer(config, total_steps, eps_root=EPS_ROOT)
     leaves, treedef = jax.tree.flatten(opt)
     inexact = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
@@ -198,7 +202,8 @@ def _adjoint_step(fns, config, total_steps, base, state, batch, w_batch, rng, a_
         return g, slot_losses
 
     h_ag, d_slot = jax.vmap(lambda t: jax.jvp(grad_and_slot_losses, (theta,), (t,))[1])(a_g)
-    return jax.tree.map(jnp.add, a_theta_direct, h_ag), a_floats, d_slot / w_batch.shape[0]
+    a_w = a_w.at[:, idx].add((d_slot / w_batch.shape[0]).astype(a_w.dtype))
+    return jax.tree.map(jnp.add, a_theta_direct, h_ag), a_floats, a_w
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -216,17 +221,14 @@ def _adjoint(run: WeightedRun, queries: dict, stop: int, final, states, desc: st
     q = int(queries["input_ids"].shape[0])
     a_opt = sharding.replicate([jnp.zeros((q,) + x.shape[1:], x.dtype) for x in _float_leaves(states[1])], None)
     a_theta = sharding.replicate(a_theta, None)  # committed like the step's outputs: one compilation
-    a_w = np.zeros((q, run.n_rows))
+    a_w = sharding.replicate(jnp.zeros((q, run.n_rows), jax.tree.leaves(a_theta)[0].dtype), None)
+    order = jnp.asarray(run.order)
     with progress.stage(desc, total=stop, unit="step") as bar:
         for s in range(stop - 1, -1, -1):
-            idx = run.order[s]
-            state = jax.tree.map(lambda x: x[s], states)
-            batch = {k: jnp.take(v, idx, axis=0) for k, v in arrays.items()}
-            a_theta, a_opt, d = _adjoint_step(fns, config, total, base, state, batch, weights[idx],
-                                              training.step_rng(config.seed, s), a_theta, a_opt)
-            np.add.at(a_w, (slice(None), idx), np.asarray(d, np.float64))
+            a_theta, a_opt, a_w = _adjoint_step(fns, config, total, base, states, arrays, order, weights,
+                                                jnp.asarray(s, jnp.int32), a_theta, a_opt, a_w)
             bar.update(1)
-    return a_w
+    return np.asarray(a_w, np.float64)
 
 
 def _chunks(queries: dict, chunk: int):
