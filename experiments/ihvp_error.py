@@ -92,11 +92,13 @@ def _reference(kind, op, lam, queries_flat, query_tree):
         state = solver.fit(op)
         x = _flat(solver.apply_batched(state, query_tree))
         return x, {"method": "Woodbury over all parameters (exact for the empirical Fisher)", "relative_residual": 0.0}
-    mv = jax.jit(lambda v: op.spec.ravel(op.matvec(op.spec.unravel(v))))
+    # op (its frozen weights and batches) is an argument, not a closed-over constant: XLA would otherwise fold
+    # and embed the model's weights in the executable (minutes of compilation and a huge cache entry on SmolLM2)
+    mv = jax.jit(lambda o, v: o.spec.ravel(o.matvec(o.spec.unravel(v))))
     dtype = op.spec.dtype
 
     def matvec(v):
-        return np.asarray(mv(jnp.asarray(v, dtype)), np.float64) + lam * v
+        return np.asarray(mv(op, jnp.asarray(v, dtype)), np.float64) + lam * v
 
     lin = scipy.sparse.linalg.LinearOperator((d, d), matvec=matvec, dtype=np.float64)
     xs, res = [], []

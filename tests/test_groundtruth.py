@@ -65,6 +65,8 @@ def test_trajectory_influence_equals_finite_differences_of_whole_runs(setup, tra
         weights[2 * j + 1, n] -= eps
     with jax.enable_x64(True):
         losses = retrain_losses(run, weights, queries, chunk=3)  # [6, Q]
+        one_at_a_time = retrain_losses(run, weights[:2], queries, chunk=1)  # the trajectory's forward program
+    np.testing.assert_allclose(one_at_a_time, losses[:2], rtol=1e-12)
     fd = -(losses[0::2] - losses[1::2]).T / (2 * eps)  # [Q, rows], the library's sign
     exact = trajectory[:, rows]
     assert np.linalg.norm(exact - fd) / np.linalg.norm(fd) < 1e-5

@@ -11,7 +11,7 @@ from absl.testing import parameterized
 from jax.flatten_util import ravel_pytree
 
 from jaxinf import curvature as cv
-from jaxinf import ihvp
+from jaxinf import attribution, ihvp
 from jaxinf.curvature import toy
 
 
@@ -304,6 +304,35 @@ def test_lissa_divergence_raises_naming_damping_and_scale(s):
     too_small = ihvp.lissa(0.1, scale=0.2, depth=160, sampling="full")
     with pytest.raises(ihvp.SolverFailedError, match=r"diverged.*damping=0\.1.*scale=0\.2"):
         too_small.apply(too_small.fit(s.ops["fisher"]), s.v)
+
+
+def test_lissa_row_space_equals_the_parameter_space_recursion():
+    """On a cached gradient Fisher G^T G / N, LiSSA's coefficient recursion (v_j = a g + G^T c) gives the
+    parameter-space iterates: same result in float64 for several queries, and the same divergence verdict."""
+    from jaxinf.curvature.cached import gradient_fisher_operator
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        grads = {"a": jnp.asarray(rng.standard_normal((6, 4, 3))), "b": jnp.asarray(rng.standard_normal((6, 5)))}
+        qs = {"a": jnp.asarray(rng.standard_normal((3, 4, 3))), "b": jnp.asarray(rng.standard_normal((3, 5)))}
+        op = gradient_fisher_operator(grads)
+        g = np.concatenate([np.asarray(grads["a"]).reshape(6, -1), np.asarray(grads["b"])], 1)
+        q = np.concatenate([np.asarray(qs["a"]).reshape(3, -1), np.asarray(qs["b"])], 1)
+        lam = 0.05
+        want = np.linalg.solve(g.T @ g / 6 + lam * np.eye(17), q.T).T
+        for depth, repeats in ((30, 1), (400, 2)):
+            fast, slow = ihvp.lissa(lam, depth=depth, repeats=repeats), ihvp.lissa(
+                lam, depth=depth, repeats=repeats, row_space=False)
+            fs, ss = fast.fit(op, KEY), slow.fit(op, KEY)
+            assert fs.gram is not None and ss.gram is None
+            x_fast = np.asarray(attribution.flatten_rows(fast.apply_batched(fs, qs)))
+            x_slow = np.asarray(attribution.flatten_rows(slow.apply_batched(ss, qs)))
+            assert rel(x_fast, x_slow) < 1e-12
+        deep = ihvp.lissa(lam, depth=5000)  # and it is LiSSA: deep enough, the damped inverse
+        assert rel(np.asarray(attribution.flatten_rows(deep.apply_batched(deep.fit(op, KEY), qs))), want) < 1e-4
+        bad = ihvp.lissa(lam, scale=0.5, depth=200)  # scale far below lambda_max / 2
+        with pytest.raises(ihvp.SolverFailedError, match="diverged"):
+            bad.apply(bad.fit(op), jax.tree.map(lambda x: x[0], qs))
 
 
 # ----------------------------------------------------------------------------- Woodbury / DataInf

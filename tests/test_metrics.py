@@ -146,3 +146,6 @@ def test_bootstrap_ci():
         lo, hi = out[name]["ci"]
         assert lo <= out[name]["value"] <= hi
     assert out == evaluate(SCORES, TEST, TRAIN, n_boot=500, seed=7)
+    # --bootstrap=0: values without intervals (was an IndexError from np.quantile of nothing)
+    assert np.isnan(bootstrap_ci(v, n_boot=0)).all()
+    assert evaluate(SCORES, TEST, TRAIN, n_boot=0)["acc"]["value"] == out["acc"]["value"]

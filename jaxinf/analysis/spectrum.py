@@ -12,7 +12,10 @@ inside: theta_max <= lambda_max and theta_min >= lambda_min, and converge to the
 quadrature (Ubaru et al. 2017) turns each run into a quadrature of the spectral density: with T = S diag(theta)
 S^T, the weights S[0, j]^2 put mass on theta_j so that E[sum_j S[0,j]^2 f(theta_j)] ~ (1/n) sum_i f(lambda_i);
 `negative_share` is that estimate of the fraction of eigenvalues below zero (f = 1[lambda < 0]) and
-`negative_mass` of sum_{lambda<0} |lambda| / sum_i |lambda_i|.
+`negative_mass` of sum_{lambda<0} |lambda| / sum_i |lambda_i|. With LoRA most of the n eigenvalues sit in a
+near-null bulk (rank-limited curvature of 230k parameters from a few rows); one Ritz value near 0 then carries
+almost all the quadrature weight, and its sign (often a rounding-level -1e-4) decides `negative_share`. Read
+`negative_mass` (the null bulk contributes ~0 to it) and the extreme Ritz values; `negative_share` says little.
 """
 
 from __future__ import annotations

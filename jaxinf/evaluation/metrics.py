@@ -125,10 +125,11 @@ def recall_at_k(scores, test_groups, train_groups, k: int, **kw) -> float:
 
 
 def bootstrap_ci(values, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (NaN entries dropped), resampling with replacement."""
+    """Percentile bootstrap interval of the mean of `values` (NaN entries dropped), resampling with replacement;
+    (nan, nan) when there is nothing to resample or n_boot = 0 (no interval asked for)."""
     v = np.asarray(values, np.float64)
     v = v[~np.isnan(v)]
-    if v.size == 0:
+    if v.size == 0 or n_boot <= 0:
         return (float("nan"), float("nan"))
     idx = np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))
     means = v[idx].mean(1)

@@ -2,8 +2,9 @@
 
 A retrain is the same run with 0/1 row weights: removed rows keep their batch slots, masked by weight 0, so every
 kept row is seen at the same steps, in the same slots and with the same dropout keys as in the full run, and the
-step still divides by the batch size B (see `jaxinf.training.weighted_step`). Retrains are vmapped over chunks of
-weight vectors (one compiled program for every chunk) and cached: `cache` (an .npz path) holds the weight vectors
+step still divides by the batch size B (see `jaxinf.training.weighted_step`). With chunk = 1 a retrain is the
+trajectory's own forward program (`_forward_states`, already compiled when trajectory influence ran first) and a
+query-loss pass; chunk > 1 vmaps one compiled training loop over the weight vectors. Retrains are cached: `cache` (an .npz path) holds the weight vectors
 and query losses done so far, so an interrupted computation resumes where it stopped.
 
 Leave-one-out: loo(q, n) = L_q(theta(1 - e_n)) - L_q(theta(1)), larger = removing n hurts q more = n helps q
@@ -22,13 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf import progress, training
-from jaxinf.groundtruth.trajectory import WeightedRun, _query_losses
+from jaxinf.groundtruth.trajectory import WeightedRun, _forward_states, _query_losses
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _batched_query_losses(fns, config, total_steps, base, init, arrays, order, weights, stop, queries):
     return jax.vmap(lambda w: _query_losses(fns, config, total_steps, base, init, arrays, order, w, stop, queries)
                     )(weights)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _losses_at(fns, base, theta, queries):
+    return fns.with_base(base).per_example_loss(theta, queries)
 
 
 def _queries(queries: dict) -> dict:
@@ -59,9 +65,13 @@ def retrain_losses(run: WeightedRun, weights: np.ndarray, queries: dict, *, chun
     with progress.stage(desc, total=m, initial=done.shape[0], unit="run") as bar:
         for start in range(done.shape[0], m, chunk):
             part = weights[start:start + chunk]
-            padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)], 0)
-            losses = np.asarray(_batched_query_losses(*static, base, init, arrays, order,
-                                                      jnp.asarray(padded, dtype), stop, q), np.float64)[:len(part)]
+            if chunk == 1:
+                final, _ = _forward_states(*static, base, init, arrays, order, jnp.asarray(part[0], dtype))
+                losses = np.asarray(_losses_at(static[0], base, final, q), np.float64)[None]
+            else:
+                padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)], 0)
+                losses = np.asarray(_batched_query_losses(*static, base, init, arrays, order,
+                                                          jnp.asarray(padded, dtype), stop, q), np.float64)[:len(part)]
             out.append(losses)
             bar.update(len(part))
             if cache:

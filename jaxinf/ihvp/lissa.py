@@ -19,6 +19,14 @@ iteration (the max over per-batch operators unless sampling="full").
 
 Damping lambda: absolute or relative to tr(C)/n (``operator_damping``).
 
+Cached gradient Fisher (`jaxinf.curvature.cached`, F = G^T G / N from N stored rows, one batch): every
+iterate lies in span{v} + span{g_n}, so the same recursion runs on coefficients, v_j = a_j v + G^T c_j:
+
+    F v_j = G^T (a_j G v + K c_j) / N,   a_{j+1} = 1 + (1 - lambda/s) a_j,
+    c_{j+1} = (1 - lambda/s) c_j - (a_j G v + K c_j) / (N s),   K = G G^T (formed once in fit),
+
+O(N^2) per step instead of O(N D); same iterates and result (tests/test_ihvp.py compares both in float64).
+
 Divergence: if any iterate is non-finite or ||v_j|| > max_growth (j+1) ||v||
 (a non-expansive recursion satisfies ||v_j|| <= (j+1) ||v||), the jitted solve
 returns ok=False and ``apply`` raises, naming the damping and scale.
@@ -26,10 +34,12 @@ returns ok=False and ``apply`` raises, naming the damping and scale.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from jaxinf.curvature._tree import TreeSpec, tree_norm, tree_scale, tree_zeros_like
+from jaxinf.curvature._tree import TreeSpec, tree_norm, tree_scale, tree_vdot, tree_zeros_like
 from jaxinf.curvature.operators import CurvatureOperator
 from jaxinf.curvature.spectrum import largest_eigenvalue
 from jaxinf.ihvp.base import IHVPSolver, state_dataclass
@@ -39,7 +49,7 @@ SAMPLINGS = ("cycle", "random", "full")
 
 
 @state_dataclass(
-    data_fields=["op", "damping", "scale", "indices", "max_growth"], meta_fields=["spec", "full_batch"]
+    data_fields=["op", "damping", "scale", "indices", "max_growth", "gram"], meta_fields=["spec", "full_batch"]
 )
 class LissaState:
     op: CurvatureOperator
@@ -49,9 +59,58 @@ class LissaState:
     max_growth: jax.Array
     spec: TreeSpec
     full_batch: bool
+    gram: Any = None  # K = G G^T [N, N] when op is a cached gradient Fisher (the row-space recursion), else None
+
+
+def _gradient_rows(op: CurvatureOperator):
+    """G (leaves [N, ...]) when op is the cached gradient Fisher G^T G / N of one batch, else None."""
+    from jaxinf.curvature.cached import linear_example_losses
+
+    if op.kind == "fisher" and op.fns == (linear_example_losses,) and op.num_batches == 1:
+        return jax.tree.map(lambda x: x[0], op.batches)
+    return None
+
+
+def _rows_dot(rows, v) -> jax.Array:
+    """G v: [N] (rows leaves [N, ...], v a parameter pytree)."""
+    return sum(jnp.tensordot(r, x, axes=x.ndim) for r, x in zip(jax.tree.leaves(rows), jax.tree.leaves(v)))
+
+
+def _lissa_solve_rows(state: LissaState, g):
+    """The recursion on coefficients (a, c) of v_j = a g + G^T c (module docstring); same result."""
+    rows, k, lam, s = _gradient_rows(state.op), state.gram, state.damping, state.scale
+    n = k.shape[0]
+    decay = 1.0 - lam / s
+    gq = _rows_dot(rows, g).astype(k.dtype)  # G g
+    gg = tree_vdot(g, g).astype(k.dtype)
+    gnorm = jnp.sqrt(gg)
+
+    def step(carry, j):
+        a, c, worst = carry
+        u = (a * gq + k @ c) / n  # F v_j = G^T u
+        a, c = 1.0 + decay * a, decay * c - u / s
+        norm = jnp.sqrt(jnp.maximum(a * a * gg + 2.0 * a * (c @ gq) + c @ (k @ c), 0.0))
+        ratio = norm / ((j + 2) * jnp.where(gnorm > 0, gnorm, 1.0))
+        worst = jnp.maximum(worst, jnp.where(jnp.isfinite(ratio), ratio, jnp.inf))
+        return (a, c, worst), None
+
+    def repeat(carry, _):  # one batch: every repeat runs the same recursion, as the tree form does
+        a_sum, c_sum, worst = carry
+        steps = jnp.arange(state.indices.shape[1], dtype=k.dtype)
+        (a, c, worst), _ = jax.lax.scan(step, (jnp.ones((), k.dtype), jnp.zeros((n,), k.dtype), worst), steps)
+        return (a_sum + a, c_sum + c, worst), None
+
+    zero = jnp.zeros((), k.dtype)
+    (a, c, worst), _ = jax.lax.scan(repeat, (zero, jnp.zeros((n,), k.dtype), zero), None,
+                                    length=state.indices.shape[0])
+    scale = 1.0 / (state.indices.shape[0] * s)
+    x = jax.tree.map(lambda gi, r: ((a * gi + jnp.tensordot(c, r, axes=1)) * scale).astype(gi.dtype), g, rows)
+    return x, {"ok": worst <= state.max_growth, "max_growth_ratio": worst}
 
 
 def _lissa_solve(state: LissaState, g):
+    if state.gram is not None:
+        return _lissa_solve_rows(state, g)
     op, lam, s = state.op, state.damping, state.scale
     decay = 1.0 - lam / s
     gnorm = tree_norm(g)
@@ -98,8 +157,12 @@ def lissa(
     power_iters: int = 20,
     max_growth: float = 10.0,
     trace_probes: int = 16,
+    row_space: bool = True,
 ) -> IHVPSolver:
-    """LiSSA with `repeats` recursions of `depth` steps (depth * repeats batch products per query)."""
+    """LiSSA with `repeats` recursions of `depth` steps (depth * repeats batch products per query).
+
+    `row_space`: on a cached gradient Fisher, run the recursion on coefficients over the N rows (module
+    docstring; same iterates, O(N^2) a step); False forces the parameter-space form."""
     damping = as_damping(damping)
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
@@ -123,8 +186,12 @@ def lissa(
             idx = jax.random.randint(k_idx, (repeats, depth), 0, nb, dtype=jnp.int32)
         else:
             idx = (jnp.arange(depth, dtype=jnp.int32)[None, :] + jnp.arange(repeats, dtype=jnp.int32)[:, None]) % nb
+        rows = _gradient_rows(op) if row_space else None
+        gram = None if rows is None else sum(jnp.tensordot(r, r, axes=(tuple(range(1, r.ndim)),) * 2)
+                                              for r in jax.tree.leaves(rows)).astype(lam.dtype)
         return LissaState(
-            op, lam, jnp.asarray(s, lam.dtype), idx, jnp.asarray(max_growth, lam.dtype), op.spec, sampling == "full"
+            op, lam, jnp.asarray(s, lam.dtype), idx, jnp.asarray(max_growth, lam.dtype), op.spec, sampling == "full",
+            gram,
         )
 
     return IHVPSolver("lissa", fit, _lissa_solve, _failure)

@@ -83,7 +83,8 @@ def token_scores(name: str, inputs: study.StudyInputs, directions: Optional[np.n
         for trainable, w in study.tracin_checkpoints(inputs):
             if w == 0.0:
                 continue
-            gq = attribution.per_example_gradients(inputs.fns, trainable, qdata, chunk_size=1)[0]
+            # the study's chunk size: the query is padded to the gradient program TracIn already compiled
+            gq = attribution.per_example_gradients(inputs.fns, trainable, qdata, chunk_size=inputs.preset.grad_chunk)[0]
             out += w * attribution.per_token_scores(inputs.fns, trainable, batch, gq)
     elif directions is None:
         return None
