@@ -123,15 +123,15 @@ def _solvers(lam):
     return out
 
 
-def _plot(records, kinds, path, title):
+def _plot(records, references, kinds, path, title):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(kinds), figsize=(5 * len(kinds), 7.5), squeeze=False)
+    fig, axes = plt.subplots(3, len(kinds), figsize=(5.5 * len(kinds), 10.5), squeeze=False)
     colors = {"cg": "tab:blue", "lissa": "tab:orange", "lanczos": "tab:green", "grad_match": "k"}
-    styles = ["-", "--", ":", "-."]
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
     for j, kind in enumerate(kinds):
         recs = [r for r in records if r["curvature"] == kind]
         dampings = sorted({r["damping_fraction"] for r in recs})
@@ -142,17 +142,27 @@ def _plot(records, kinds, path, title):
                 if not pts:
                     continue
                 x, e, s = zip(*pts)
-                kw = dict(color=colors[name], linestyle=styles[di % 4], marker="o", ms=3)
+                cover = [next(r["metrics"]["cover"] for r in recs if r["solver"] == name and r["damping_fraction"] == f
+                              and max(r["products"], 0.5) == xi and r.get("param_error") is not None) for xi in x]
+                kw = dict(color=colors[name], linestyle=styles[di % len(styles)], marker="o", ms=3)
                 axes[0, j].plot(x, e, label=f"{name} f={f:g}", **kw)
                 axes[1, j].plot(x, s, **kw)
+                axes[2, j].plot(x, cover, **kw)
+            ref = [r for r in references if r["curvature"] == kind and r["damping_fraction"] == f]
+            if ref:  # the exact inverse's own Cover at this damping
+                axes[2, j].axhline(ref[0]["metrics"]["cover"], color="r", linestyle=styles[di % len(styles)], lw=0.8,
+                                   label=f"exact f={f:g}")
         axes[0, j].set_xscale("log")
         axes[0, j].set_yscale("log")
         axes[1, j].set_xscale("log")
         axes[0, j].set_title(kind)
         axes[0, j].set_ylabel("||x - x*|| / ||x*||")
         axes[1, j].set_ylabel("Spearman of scores with exact")
-        axes[1, j].set_xlabel("C-products per query (grad_match at 0.5)")
+        axes[2, j].set_xscale("log")
+        axes[2, j].set_ylabel("Cover of the solver's scores")
+        axes[2, j].set_xlabel("C-products per query (grad_match at 0.5)")
         axes[0, j].legend(fontsize=6, ncol=2)
+        axes[2, j].legend(fontsize=6, ncol=2)
         for ax in axes[:, j]:
             ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
@@ -188,8 +198,8 @@ def main(argv):
                                                         "loss_on": config.loss_on, **cli.data_settings(config)})
     gpath = os.path.join(FLAGS.workdir, "grads.npz")
     nq = min(FLAGS.queries, len(task.test_rows))
-    if os.path.exists(gpath):
-        saved = np.load(gpath)
+    saved = np.load(gpath) if os.path.exists(gpath) else None
+    if saved is not None and saved["test"].shape[0] >= nq:  # a cache made with fewer --queries is recomputed
         g_train, g_test = saved["train"], saved["test"]
     else:
         g_train = np.asarray(attribution.per_example_gradients(fns, adapters, task.train, chunk_size=preset.grad_chunk))
@@ -271,7 +281,7 @@ def main(argv):
     recipes.write_json(os.path.join(FLAGS.workdir, "ihvp_error.json"), results)
     title = (f"{model.name} on {os.path.basename(os.path.normpath(FLAGS.data))}: iHVP error vs cost "
              f"(D={q_flat.shape[1]}, {nq} queries)")
-    _plot(records, FLAGS.curvatures, os.path.join(FLAGS.workdir, "ihvp_error.png"), title)
+    _plot(records, references, FLAGS.curvatures, os.path.join(FLAGS.workdir, "ihvp_error.png"), title)
     print(f"results: {FLAGS.workdir}/ihvp_error.json, ihvp_error.png")
 
 
