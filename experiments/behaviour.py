@@ -72,13 +72,20 @@ def _measure(fns, adapters, task, scale, backdoor, gen_batch, max_new_tokens):
                                     template=FLAGS.template or study.PRESETS[FLAGS.preset].template,
                                     batch_size=gen_batch)
     out["answers"] = answers
-    if backdoor:
-        out.update(analysis.attack_success(answers, [g.startswith("trigger") for g in tg]))
-        out["behaviour"] = out["asr"]
-    else:
-        out["label_accuracy"] = analysis.label_accuracy(answers, [r["response"] for r in task.test_rows])
-        out["behaviour"] = out["label_accuracy"]
     return out
+
+
+def _score_answers(m, task, backdoor):
+    """Behaviour from the cached greedy answers (recomputed on every run, so a changed refusal rule or label
+    check needs no new generation): ASR and clean refusal rate (backdoor) or label accuracy (class data)."""
+    answers = m["answers"]
+    if backdoor:
+        m.update(analysis.attack_success(answers, [str(g).startswith("trigger") for g in task.test.groups]))
+        m["behaviour"] = m["asr"]
+    else:
+        m["label_accuracy"] = analysis.label_accuracy(answers, [r["response"] for r in task.test_rows])
+        m["behaviour"] = m["label_accuracy"]
+    return m
 
 
 def _ratio(values):
@@ -168,6 +175,7 @@ def main(argv):
                 m.update(n_train=int(idx.size), steps=steps, final_loss=log[-1]["loss"] if log else None,
                          groups={str(g): int(c) for g, c in zip(*np.unique(train_groups[idx], return_counts=True))})
                 recipes.write_json(mpath, m)
+            m = _score_answers(m, task, backdoor)
             per_variant[f"{name}_s{seed}"] = m
             print(f"seed {seed} {name:24s} n={idx.size:4d} ||BA||={m['param_change']['total']:.4f} "
                   f"behaviour={m['behaviour']:.3f} test loss={m['test_loss_mean']:.3f}", flush=True)
