@@ -133,7 +133,7 @@ def _plot(records, references, kinds, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, len(kinds), figsize=(5.5 * len(kinds), 10.5), squeeze=False)
+    fig, axes = plt.subplots(3, len(kinds), figsize=(max(8.0, 5.5 * len(kinds)), 10.5), squeeze=False)
     colors = {"cg": "tab:blue", "lissa": "tab:orange", "lanczos": "tab:green", "grad_match": "k"}
     styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
     for j, kind in enumerate(kinds):
