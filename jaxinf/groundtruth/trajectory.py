@@ -227,6 +227,7 @@ def _adjoint(run: WeightedRun, queries: dict, stop: int, final, states, desc: st
         for s in range(stop - 1, -1, -1):
             a_theta, a_opt, a_w = _adjoint_step(fns, config, total, base, states, arrays, order, weights,
                                                 jnp.asarray(s, jnp.int32), a_theta, a_opt, a_w)
+            jax.block_until_ready(a_w)  # the bar counts finished steps, not dispatched ones (jit is asynchronous)
             bar.update(1)
     return np.asarray(a_w, np.float64)
 
