@@ -4,8 +4,9 @@ A retrain is the same run with 0/1 row weights: removed rows keep their batch sl
 kept row is seen at the same steps, in the same slots and with the same dropout keys as in the full run, and the
 step still divides by the batch size B (see `jaxinf.training.weighted_step`). With chunk = 1 a retrain is the
 trajectory's own forward program (`_forward_states`, already compiled when trajectory influence ran first) and a
-query-loss pass; chunk > 1 vmaps one compiled training loop over the weight vectors. Retrains are cached: `cache` (an .npz path) holds the weight vectors
-and query losses done so far, so an interrupted computation resumes where it stopped.
+query-loss pass; chunk > 1 vmaps one compiled training loop over the weight vectors. Retrains are cached:
+`cache` (an .npz path) holds the weight vectors and query losses done so far, so an interrupted computation
+resumes where it stopped.
 
 Leave-one-out: loo(q, n) = L_q(theta(1 - e_n)) - L_q(theta(1)), larger = removing n hurts q more = n helps q
 (the library's sign). LDS subsets: M masks, each keeping round(alpha N) rows drawn without replacement
