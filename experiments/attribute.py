@@ -30,7 +30,6 @@ from jaxinf import api, attribution, cli, health, recipes, report, runtime, shar
 from jaxinf.progress import Stage, log
 from jaxinf.evaluation import evaluate
 from jaxinf.groundtruth import study as gt_study
-from jaxinf.groundtruth.trajectory import WeightedRun
 from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
 
 FLAGS = flags.FLAGS
@@ -190,7 +189,7 @@ def main(argv):
         "data_split": task.split_info,  # how train/test were split, sizes, duplicates kept by --allow_overlap
     }
     if _ground_truth_kinds():  # counterfactual ground truths of this fine-tuning (cached in workdir/groundtruth)
-        _GROUND_TRUTH.update(_ground_truths(fns, adapters, task, train_config, grads_train, ft_dir))
+        _GROUND_TRUTH.update(_ground_truths(fns, adapters, task, train_config, grads_train, ft_dir, mesh))
         run_info["ground_truth"] = gt_study.summary(_GROUND_TRUTH)
     print(f"\n{title}; fine-tune loss {final.get('loss', float('nan')):.3f} after {steps} steps")
     for value in dampings:  # one result set per damping value; fine-tuning, gradients and factors are shared
@@ -219,7 +218,7 @@ def _ground_truth_kinds() -> list:
     return [k for k in (FLAGS.ground_truth or []) if k]
 
 
-def _ground_truths(fns, adapters, task, train_config, grads_train, ft_dir):
+def _ground_truths(fns, adapters, task, train_config, grads_train, ft_dir, mesh=None):
     """The --ground_truth kinds for this fine-tuning run: the scanned trainer replays it from the same initial
     adapters (its checkpoint 0), data order and keys."""
     unknown = [k for k in _ground_truth_kinds() if k not in gt_study.KINDS]
@@ -232,10 +231,7 @@ def _ground_truths(fns, adapters, task, train_config, grads_train, ft_dir):
         lds_fraction=FLAGS.gt_fraction, loo_rows=FLAGS.gt_loo_rows or None, pbrf_rows=FLAGS.gt_pbrf_rows or None,
         pbrf_eps=FLAGS.gt_pbrf_eps, pbrf_damping=FLAGS.gt_pbrf_damping * mean_eig, pbrf_iters=FLAGS.gt_pbrf_iters,
         retrain_chunk=FLAGS.gt_chunk, seed=FLAGS.seed)
-    abstract = {"trainable": adapters, "opt_state": training.make_optimizer(
-        train_config, train_config.total_steps(len(task.train_rows))).init(adapters)}
-    init = training.restore_checkpoint(ft_dir, abstract, step=0)[1]["trainable"]
-    run = WeightedRun(fns, init, recipes.batch_arrays(task.train), train_config)
+    run = gt_study.replay(fns, adapters, recipes.batch_arrays(task.train), train_config, ft_dir, mesh)
     return gt_study.compute(run, adapters, recipes.batch_arrays(task.test), config,
                             os.path.join(FLAGS.workdir, "groundtruth"))
 

@@ -6,7 +6,8 @@ checks run in one subprocess (`_worker`) that computes every stage once on one d
 were placed. The parent asserts on that JSON. Stages: LoRA fine-tuning steps (3 AdamW steps, 2 micro-batches),
 per-example gradients (13 rows in chunks of 6, so chunks are padded to the data axis), K-FAC / EK-FAC factors and
 the eigenvalue correction (uneven batches of 5 and 8 rows, padded with all-masked rows), pairwise scores on
-cached gradients and contracted EK-FAC scores (captures of the training rows).
+cached gradients and contracted EK-FAC scores (captures of the training rows), and the ground truths: trajectory
+influence through the 3-step run (adjoint) and retrains with LDS masks (one at a time; vmapped in the slow job).
 """
 
 import dataclasses
@@ -49,6 +50,8 @@ def _stages(mesh, workdir, full):
     from jaxinf import sharding, training
     from jaxinf.attribution import contracted, gradients, scores
     from jaxinf.curvature import kfac
+    from jaxinf.groundtruth import retrain, trajectory
+    from jaxinf.groundtruth.trajectory import WeightedRun
     from jaxinf.ihvp.damping import relative
     from jaxinf.ihvp.ekfac import ekfac, state_from_factors
     from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model
@@ -115,6 +118,14 @@ def _stages(mesh, workdir, full):
     solver = ekfac(relative(0.1))
     state = state_from_factors(factors, "ekfac", relative(0.1), adapters)
     out["contracted"] = contracted.pairwise_scores(fns, adapters, [queries], batches, solver, state, mesh=mesh)
+
+    # ground truth: trajectory influence through the 3-step run (adjoint) and LDS-style retrains (0/1 weights)
+    run = WeightedRun(fns, init, data, config, mesh=mesh)
+    out["trajectory"] = trajectory.trajectory_influence(run, queries)
+    masks = retrain.lds_masks(run.n_rows, 2, seed=0)
+    out["retrain"] = retrain.retrain_losses(run, masks, queries, chunk=2 if full else 1)
+    if mesh is not None:
+        facts["trajectory_base_devices"] = len(jax.tree.leaves(run._base)[0].sharding.device_set)
     return out, facts
 
 
@@ -153,7 +164,7 @@ def report(tmp_path_factory):
 def _check_stages(report, spec, full=False):
     diff = report[spec]["diff"]
     assert set(diff) >= {"train_adapters", "train_losses", "grads", "kfac_A0", "kfac_S0", "ekfac_corrected0",
-                         "scores", "contracted"} | ({"true_fisher_S0", "scores_lazy"} if full else set())
+                         "scores", "contracted", "trajectory", "retrain"} | ({"true_fisher_S0", "scores_lazy"} if full else set())
     assert all(report[spec]["scale"][k] > 0 for k in diff), report[spec]["scale"]  # nothing trivially zero
     bad = {k: v for k, v in diff.items() if not v < 1e-9}
     assert not bad, bad
@@ -162,6 +173,7 @@ def _check_stages(report, spec, full=False):
 def _check_placement(report, spec, full=False):
     facts = report[spec]["facts"]
     assert facts["grads_devices"] == 8 and not facts["grads_replicated"], facts
+    assert facts["trajectory_base_devices"] == 8, facts
     shapes = facts["base_shard_shapes"]
     if spec == "data=2,model=4":  # FSDP: e.g. q_proj [32, 32] -> [8, 32] on each device
         assert any(whole != shard for whole, shard in shapes.items()), shapes

@@ -27,10 +27,10 @@ from jaxinf import progress, training
 from jaxinf.groundtruth.trajectory import WeightedRun, _forward_states, _query_losses
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _batched_query_losses(fns, config, total_steps, base, init, arrays, order, weights, stop, queries):
-    return jax.vmap(lambda w: _query_losses(fns, config, total_steps, base, init, arrays, order, w, stop, queries)
-                    )(weights)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _batched_query_losses(fns, config, total_steps, mesh, base, init, arrays, order, weights, stop, queries):
+    return jax.vmap(lambda w: _query_losses(fns, config, total_steps, mesh, base, init, arrays, order, w, stop,
+                                            queries))(weights)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -59,7 +59,7 @@ def retrain_losses(run: WeightedRun, weights: np.ndarray, queries: dict, *, chun
         if saved["weights"].shape[1] != run.n_rows or not np.array_equal(saved["weights"][:k], weights[:k]):
             raise ValueError(f"{cache} holds retrains of other weight vectors: delete it or use a new workdir")
         done = saved["losses"][:m]
-    q = _queries(queries)
+    q = run.place(_queries(queries))
     dtype = run.default_weights().dtype
     static, (base, init, arrays, order, _, stop) = run._static(), run._dynamic(None)
     out = [done]
@@ -67,12 +67,13 @@ def retrain_losses(run: WeightedRun, weights: np.ndarray, queries: dict, *, chun
         for start in range(done.shape[0], m, chunk):
             part = weights[start:start + chunk]
             if chunk == 1:
-                final, _ = _forward_states(*static, base, init, arrays, order, jnp.asarray(part[0], dtype))
+                final, _ = _forward_states(*static, base, init, arrays, order, run.place(jnp.asarray(part[0], dtype)))
                 losses = np.asarray(_losses_at(static[0], base, final, q), np.float64)[None]
             else:
                 padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)], 0)
                 losses = np.asarray(_batched_query_losses(*static, base, init, arrays, order,
-                                                          jnp.asarray(padded, dtype), stop, q), np.float64)[:len(part)]
+                                                          run.place(jnp.asarray(padded, dtype)), stop, q),
+                                    np.float64)[:len(part)]
             out.append(losses)
             bar.update(len(part))
             if cache:

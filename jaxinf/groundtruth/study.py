@@ -23,7 +23,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from jaxinf import progress
+from jaxinf import progress, training
 from jaxinf.groundtruth import agreement
 from jaxinf.groundtruth.pbrf import pbrf_scores
 from jaxinf.groundtruth.retrain import lds_masks, retrain_losses
@@ -74,6 +74,17 @@ def _key(kind: str, config: GroundTruthConfig, qidx: np.ndarray) -> str:
     if kind == "lds":
         return f"m{config.lds_subsets}_a{config.lds_fraction:g}_s{config.seed}"
     return f"{q}_r{config.pbrf_rows}_e{config.pbrf_eps:g}_l{config.pbrf_damping:g}_i{config.pbrf_iters}"
+
+
+def replay(fns, adapters: Any, train_arrays: dict, config: training.TrainConfig, finetune_dir: str,
+           mesh=None) -> WeightedRun:
+    """The fine-tuning run in `finetune_dir` as a `WeightedRun`: its initial adapters are that run's checkpoint 0,
+    with the same data, `config` (order, schedule, keys) and, optionally, device mesh; `adapters` gives the tree
+    structure to restore into."""
+    abstract = {"trainable": adapters, "opt_state": training.make_optimizer(
+        config, config.total_steps(int(np.shape(train_arrays["input_ids"])[0]))).init(adapters)}
+    init = training.restore_checkpoint(finetune_dir, abstract, step=0)[1]["trainable"]
+    return WeightedRun(fns, init, train_arrays, config, mesh=mesh)
 
 
 def compute(run: WeightedRun, adapters: Any, queries: dict, config: GroundTruthConfig, directory: str) -> dict:

@@ -69,6 +69,7 @@ class WeightedRun:
     init: Any
     data: dict
     config: training.TrainConfig
+    mesh: Any = None  # jaxinf.sharding mesh: each micro-batch split over `data`, base weights over `model`
 
     @functools.cached_property
     def n_rows(self) -> int:
@@ -77,6 +78,9 @@ class WeightedRun:
     @functools.cached_property
     def total_steps(self) -> int:
         self.config.validate(self.n_rows)
+        if self.mesh is not None:
+            sharding.check_divisible(self.config.batch_size // self.config.grad_accum, self.mesh,
+                                     "the micro-batch size (batch_size / grad_accum) of the replayed run")
         return self.config.total_steps(self.n_rows)
 
     @functools.cached_property
@@ -84,8 +88,16 @@ class WeightedRun:
         return training.data_order(self.config, self.n_rows)
 
     @functools.cached_property
-    def _arrays(self) -> dict:
-        return {k: jnp.asarray(np.asarray(self.data[k])) for k in training.BATCH_KEYS}
+    def _arrays(self) -> dict:  # the whole training set (replicated on a mesh: each step gathers and splits its batch)
+        return self.place({k: jnp.asarray(np.asarray(self.data[k])) for k in training.BATCH_KEYS})
+
+    @functools.cached_property
+    def _base(self):
+        return sharding.shard_params(self.fns.model.params, self.mesh)
+
+    def place(self, tree):
+        """`tree` replicated over the mesh; unchanged without one (the single-device path as it always was)."""
+        return tree if self.mesh is None else sharding.replicate(tree, self.mesh)
 
     def default_weights(self) -> jax.Array:
         return jnp.ones((self.n_rows,), jax.tree.leaves(self.init)[0].dtype)
@@ -99,7 +111,7 @@ class WeightedRun:
         return _query_losses(*self._static(), *self._dynamic(weights, steps), queries)
 
     def _static(self):
-        return self.fns, self.config, self.total_steps
+        return self.fns, self.config, self.total_steps, self.mesh
 
     def _dynamic(self, weights, steps=None):
         """The arguments that enter compiled code as arrays (frozen base weights included: never constants)."""
@@ -108,15 +120,15 @@ class WeightedRun:
         steps = self.total_steps if steps is None else int(steps)
         if not 0 <= steps <= self.total_steps:
             raise ValueError(f"steps={steps} outside 0..{self.total_steps} of this run")
-        return (self.fns.model.params, self.init, self._arrays, jnp.asarray(self.order), weights,
-                jnp.asarray(steps, jnp.int32))
+        init, order, weights = self.place((self.init, jnp.asarray(self.order), weights))
+        return self._base, init, self._arrays, order, weights, jnp.asarray(steps, jnp.int32)
 
 
-def _run(fns, config, total_steps, base, init, arrays, order, weights, stop):
+def _run(fns, config, total_steps, mesh, base, init, arrays, order, weights, stop):
     """Adapters after the first `stop` (traced) of `total_steps` steps: later steps are computed but not applied,
     so every intermediate step shares one compiled program."""
     optimizer = training.make_optimizer(config, total_steps, eps_root=EPS_ROOT)
-    step_fn = jax.checkpoint(training.weighted_step(fns, optimizer, config.grad_accum))
+    step_fn = jax.checkpoint(training.weighted_step(fns, optimizer, config.grad_accum, mesh))
 
     def body(carry, inputs):
         s, idx = inputs
@@ -128,27 +140,27 @@ def _run(fns, config, total_steps, base, init, arrays, order, weights, stop):
     return final
 
 
-_run_jit = jax.jit(_run, static_argnums=(0, 1, 2))
+_run_jit = jax.jit(_run, static_argnums=(0, 1, 2, 3))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _query_losses(fns, config, total_steps, base, init, arrays, order, weights, stop, queries):
-    final = _run(fns, config, total_steps, base, init, arrays, order, weights, stop)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _query_losses(fns, config, total_steps, mesh, base, init, arrays, order, weights, stop, queries):
+    final = _run(fns, config, total_steps, mesh, base, init, arrays, order, weights, stop)
     return fns.with_base(base).per_example_loss(final, queries)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _query_jacobian(fns, config, total_steps, base, init, arrays, order, weights, stop, queries):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _query_jacobian(fns, config, total_steps, mesh, base, init, arrays, order, weights, stop, queries):
     """d L_q / d w, [Q, N]: one forward scan, Q reverse passes (vmapped)."""
-    return jax.jacrev(lambda w: _query_losses(fns, config, total_steps, base, init, arrays, order, w, stop,
+    return jax.jacrev(lambda w: _query_losses(fns, config, total_steps, mesh, base, init, arrays, order, w, stop,
                                               queries))(weights)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _forward_states(fns, config, total_steps, base, init, arrays, order, weights):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _forward_states(fns, config, total_steps, mesh, base, init, arrays, order, weights):
     """(final adapters, states) of the run: states = (theta_s, opt_s, g_s) stacked over s < S (before step s)."""
     optimizer = training.make_optimizer(config, total_steps, eps_root=EPS_ROOT)
-    step_fn = training.weighted_step(fns, optimizer, config.grad_accum)
+    step_fn = training.weighted_step(fns, optimizer, config.grad_accum, mesh)
 
     def body(carry, inputs):
         s, idx = inputs
@@ -174,8 +186,8 @@ def _float_leaves(tree) -> list:
     return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _adjoint_step(fns, config, total_steps, base, states, arrays, order, weights, s, a_theta, a_opt, a_w):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _adjoint_step(fns, config, total_steps, mesh, base, states, arrays, order, weights, s, a_theta, a_opt, a_w):
     """Adjoints of step s's input from those of its output, for a stack of Q queries (leading axis of a_theta, of
     every leaf of a_opt and of a_w [Q, N]); a_w gains d L_q / d w_n of the rows in step s's slots. The step's state,
     batch and key are taken inside, so a backward step is one dispatch with no host round-trip."""
@@ -195,7 +207,7 @@ def _adjoint_step(fns, config, total_steps, base, states, arrays, order, weights
 
     _, vjp = jax.vjp(update, theta, _float_leaves(opt), grads)
     a_theta_direct, a_floats, a_g = jax.vmap(vjp)((a_theta, a_opt))
-    gradient = training.weighted_gradient(fns, config.grad_accum)
+    gradient = training.weighted_gradient(fns, config.grad_accum, mesh)
 
     def grad_and_slot_losses(th):
         _, g, slot_losses = gradient(base, th, batch, w_batch, rng)
@@ -214,18 +226,17 @@ def _query_gradients(fns, base, theta, queries):
 
 def _adjoint(run: WeightedRun, queries: dict, stop: int, final, states, desc: str) -> np.ndarray:
     """d L_q(theta_stop) / d w [Q, N] by the chain rule backwards from step `stop` (see the module docstring)."""
-    fns, config, total = run._static()
-    base, _, arrays, _, weights, _ = run._dynamic(None)
+    fns, config, total, mesh = run._static()
+    base, _, arrays, order, weights, _ = run._dynamic(None)
     theta = final if stop == total else jax.tree.map(lambda x: x[stop], states[0])
     a_theta = _query_gradients(fns, base, theta, queries)
     q = int(queries["input_ids"].shape[0])
-    a_opt = sharding.replicate([jnp.zeros((q,) + x.shape[1:], x.dtype) for x in _float_leaves(states[1])], None)
-    a_theta = sharding.replicate(a_theta, None)  # committed like the step's outputs: one compilation
-    a_w = sharding.replicate(jnp.zeros((q, run.n_rows), jax.tree.leaves(a_theta)[0].dtype), None)
-    order = jnp.asarray(run.order)
+    a_opt = sharding.replicate([jnp.zeros((q,) + x.shape[1:], x.dtype) for x in _float_leaves(states[1])], mesh)
+    a_theta = sharding.replicate(a_theta, mesh)  # committed like the step's outputs: one compilation
+    a_w = sharding.replicate(jnp.zeros((q, run.n_rows), jax.tree.leaves(a_theta)[0].dtype), mesh)
     with progress.stage(desc, total=stop, unit="step") as bar:
         for s in range(stop - 1, -1, -1):
-            a_theta, a_opt, a_w = _adjoint_step(fns, config, total, base, states, arrays, order, weights,
+            a_theta, a_opt, a_w = _adjoint_step(fns, config, total, mesh, base, states, arrays, order, weights,
                                                 jnp.asarray(s, jnp.int32), a_theta, a_opt, a_w)
             jax.block_until_ready(a_w)  # the bar counts finished steps, not dispatched ones (jit is asynchronous)
             bar.update(1)
