@@ -28,7 +28,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 import scipy.sparse.linalg
 import scipy.stats
 from absl import app, flags, logging
@@ -90,10 +89,7 @@ def _reference(kind, op, lam, queries_flat, query_tree):
                    "min_eigenvalue": float(w[0]), "max_eigenvalue": float(w[-1])}
     if kind == "fisher":  # float64 Woodbury: x* = (q - G^T (G G^T + N lambda I)^{-1} G q) / lambda
         g = _flat(jax.tree.map(lambda x: x[0], op.batches))  # [N, D]: the one stacked batch of gradient rows
-        n = g.shape[0]
-        inner = scipy.linalg.solve(g @ g.T + n * lam * np.eye(n), g @ queries_flat.T, assume_a="pos")
-        x = (queries_flat - (g.T @ inner).T) / lam
-        return x, {"method": "float64 Woodbury over all parameters (exact for the empirical Fisher); scores "
+        return study.exact_fisher_directions(g, queries_flat, lam), {"method": "float64 Woodbury over all parameters (exact for the empirical Fisher); scores "
                              "(G G^T / N + lambda I)^{-1} G q without cancellation", "relative_residual": 0.0,
                    "scores": study.exact_fisher_scores(g, queries_flat, lam)}
     # op (its frozen weights and batches) is an argument, not a closed-over constant: XLA would otherwise fold

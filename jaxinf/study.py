@@ -169,18 +169,14 @@ class StudyInputs:
         """The GGN or Hessian of the mean training loss over all N training rows (B equal batches)."""
         key = ("model_operator", self.curvature)
         if key not in self._cache:
-            from jaxinf.curvature.operators import ggn_operator, hessian_operator
+            from jaxinf.analysis import model_operator
             from jaxinf.data import batches
 
             n = len(self.train.input_ids)
             size = max(d for d in range(1, min(self.preset.grad_chunk, n) + 1) if n % d == 0)
             bs = [{k: jax.numpy.asarray(b[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
                   for b in batches(self.train, size)]
-            if self.curvature == "ggn":
-                op = ggn_operator(self.fns.logits, self.fns.output_loss, self.adapters, bs)
-            else:
-                op = hessian_operator(self.fns.loss, self.adapters, bs)
-            self._cache[key] = op
+            self._cache[key] = model_operator(self.curvature, self.fns, self.adapters, bs)
         return self._cache[key]
 
     @property
@@ -403,13 +399,21 @@ def exact_fisher_scores(train: np.ndarray, test: np.ndarray, lam: float) -> np.n
     return scipy.linalg.solve(k, g @ q.T, assume_a="pos").T
 
 
+def exact_fisher_directions(train: np.ndarray, test: np.ndarray, lam: float) -> np.ndarray:
+    """x_q = (G^T G / N + lambda I)^{-1} g_q [Q, D] in float64, by Woodbury:
+    x = (q - G^T (G G^T + N lambda I)^{-1} G q) / lambda (an N x N SPD solve). For scores <x_q, g_n> at small
+    lambda use `exact_fisher_scores`, which avoids this subtraction."""
+    g, q = np.asarray(train, np.float64), np.asarray(test, np.float64)
+    n = g.shape[0]
+    inner = scipy.linalg.solve(g @ g.T + n * lam * np.eye(n), g @ q.T, assume_a="pos")
+    return (q - (g.T @ inner).T) / lam
+
+
 def _exact_directions(inputs: StudyInputs) -> np.ndarray:
     """(C + lambda I)^{-1} g_q in float64 (Woodbury for the Fisher; eigh for a dense model curvature)."""
     if inputs.curvature == "fisher":
         g, q, lam, _ = _exact_system(inputs)
-        n = g.shape[0]
-        inner = scipy.linalg.solve(g @ g.T + n * lam * np.eye(n), g @ q.T, assume_a="pos")
-        d = (q - (g.T @ inner).T) / lam
+        d = exact_fisher_directions(g, q, lam)
         if inputs.damping_scope == "block":
             d = d * _flat(inputs.scaled(jax.tree.map(lambda x: np.ones_like(x)[None], inputs.adapters)))[0]
         return d

@@ -101,6 +101,23 @@ def test_model_operator_and_lanczos_spectrum_against_dense_hessian():
         assert abs(est["negative_mass"] - absmass) < 0.15, (est["negative_mass"], absmass)
 
 
+def test_model_operators_take_the_base_weights_as_an_argument():
+    """The base weights are held once as the operator's shared data (not stacked per batch) and enter the compiled
+    product as an argument: no constant of the embedding's shape in the lowered program."""
+    model, lora, fns, adapters = _tiny()
+    tok = tokenize_rows(model.tokenizer, load_rows("backdoor", "train", limit=4), max_length=128)
+    rows = {k: np.asarray(getattr(tok, k)) for k in training.BATCH_KEYS}
+    batches = [{k: v[:2] for k, v in rows.items()}, {k: v[2:] for k, v in rows.items()}]
+    embed = next(x for x in jax.tree.leaves(model.params) if x.ndim == 2 and x.shape[0] == model.config.vocab_size)
+    for kind in analysis.spectrum.KINDS:
+        op = analysis.model_operator(kind, fns, adapters, batches)
+        assert op.shared["base"] is model.params and "base" not in op.batches
+        text = jax.jit(lambda o, v: o.matvec(v)).lower(op, adapters).as_text()
+        constants = [line for line in text.splitlines() if "constant" in line]
+        shape = "tensor<" + "x".join(map(str, embed.shape))
+        assert not [c for c in constants if shape in c], kind
+
+
 def _run(args, tmp_path):
     cmd = [sys.executable, "-m"] + args
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,

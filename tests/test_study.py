@@ -237,6 +237,18 @@ def test_exact_is_float64_and_cancellation_free():
     assert err(woodbury32) > 1e-2
 
 
+def test_exact_fisher_directions_solve_the_damped_system():
+    """Woodbury directions x = (G^T G/N + lambda I)^{-1} q (float64) against a dense solve, at a damping where the
+    subtraction loses nothing; their scores <x, g_n> equal the cancellation-free exact_fisher_scores."""
+    rng = np.random.default_rng(0)
+    g, q = rng.normal(size=(12, 40)), rng.normal(size=(3, 40))
+    lam = 0.3
+    x = study.exact_fisher_directions(g, q, lam)
+    dense = np.linalg.solve(g.T @ g / 12 + lam * np.eye(40), q.T).T
+    assert np.abs(x - dense).max() / np.abs(dense).max() < 1e-12
+    assert np.abs(x @ g.T - study.exact_fisher_scores(g, q, lam)).max() < 1e-12 * np.abs(x @ g.T).max()
+
+
 def test_one_damping_shared_by_every_method_and_cg_reports_convergence():
     with jax.enable_x64(True):
         inputs = _synthetic(damping=0.3)

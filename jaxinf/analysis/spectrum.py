@@ -2,9 +2,10 @@
 
 `model_operator(kind, fns, adapters, batches)` is `jaxinf.curvature`'s Hessian / Gauss-Newton / empirical Fisher
 operator of the mean training loss on the given batches, as a function of the adapters. The frozen base weights
-travel inside each batch (key "base") instead of being closed over, so the compiled products take them as an
-argument (closed-over weights become constants that XLA folds: slow for SmolLM2's 49152 x 576 embedding), and
-one compilation serves every checkpoint.
+travel as the operator's shared data (`CurvatureOperator.shared`, key "base"; held once, not per batch) instead of
+being closed over, so the compiled products take them as an argument (closed-over weights become constants that
+XLA folds: slow for SmolLM2's 49152 x 576 embedding), and one compilation serves every checkpoint; the study's
+`--curvature=ggn|hessian` operators are built here too.
 
 `lanczos_spectrum(op, key, num_iters, probes)` runs m Lanczos steps (full re-orthogonalisation,
 `jaxinf.ihvp.lanczos_tridiagonal`) from `probes` random starts. Extreme Ritz values bound the spectrum from
@@ -49,13 +50,14 @@ def model_operator(kind: str, fns, adapters, batches: list) -> CurvatureOperator
     (a list of dicts with input_ids / attention_mask / loss_mask [m, T], equal shapes)."""
     if not isinstance(batches, list) or not batches:
         raise ValueError("batches must be a non-empty list of batch dicts with equal shapes")
-    data = [dict({k: jnp.asarray(v) for k, v in b.items()}, base=fns.model.params) for b in batches]
+    data = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
+    shared = {"base": fns.model.params}  # held once, an argument of the compiled products (never a constant)
     f = _operator_fns(fns, kind)
     if kind == HESSIAN:
-        return hessian_operator(f[0], adapters, data)
+        return hessian_operator(f[0], adapters, data, shared)
     if kind == GGN:
-        return ggn_operator(f[0], f[1], adapters, data)
-    return fisher_operator(f[0], adapters, data)
+        return ggn_operator(f[0], f[1], adapters, data, shared)
+    return fisher_operator(f[0], adapters, data, shared)
 
 
 def lanczos_spectrum(op: CurvatureOperator, key: jax.Array, num_iters: int = 16, probes: int = 1) -> dict:

@@ -84,12 +84,19 @@ class CurvatureOperator:
         hessian: (loss(params, batch) -> scalar,)
         ggn: (model(params, batch) -> outputs, output_loss(outputs, batch) -> scalar)
         fisher: (per_example_loss(params, batch) -> [m],)
+      shared: optional data every batch needs but that is not differentiated (a dict, e.g. {"base": frozen
+        weights}); each product sees batch | shared. Held once, not stacked per batch, and an argument of the
+        compiled code, not a constant folded into it.
     """
 
     params: PyTree
     batches: PyTree
     kind: str
     fns: tuple
+    shared: PyTree = None
+
+    def _with_shared(self, batch):
+        return batch if self.shared is None else {**batch, **self.shared}
 
     @functools.cached_property
     def spec(self) -> TreeSpec:
@@ -107,14 +114,14 @@ class CurvatureOperator:
 
     def batch_matvec(self, v: PyTree, index) -> PyTree:
         """C_index v for one batch (index may be a traced integer)."""
-        batch = tree_index(self.batches, index)
+        batch = self._with_shared(tree_index(self.batches, index))
         return _PRODUCTS[self.kind](self.fns, self.params, batch, v)
 
     def matvec(self, v: PyTree) -> PyTree:
         """C v averaged over all batches (traceable; use __call__ for the jitted version)."""
 
         def body(acc, batch):
-            cv = _PRODUCTS[self.kind](self.fns, self.params, batch, v)
+            cv = _PRODUCTS[self.kind](self.fns, self.params, self._with_shared(batch), v)
             return jax.tree.map(jnp.add, acc, cv), None
 
         acc, _ = jax.lax.scan(body, tree_zeros_like(v), self.batches)
@@ -136,7 +143,7 @@ class CurvatureOperator:
 
 
 jax.tree_util.register_dataclass(
-    CurvatureOperator, data_fields=["params", "batches"], meta_fields=["kind", "fns"]
+    CurvatureOperator, data_fields=["params", "batches", "shared"], meta_fields=["kind", "fns"]
 )
 
 
@@ -150,7 +157,7 @@ def _jit_per_example_grads(op: CurvatureOperator) -> PyTree:
     (per_example_loss_fn,) = op.fns
 
     def one_batch(batch):
-        return jax.jacrev(per_example_loss_fn)(op.params, batch)  # leaves [m, *leaf]
+        return jax.jacrev(per_example_loss_fn)(op.params, op._with_shared(batch))  # leaves [m, *leaf]
 
     grads = jax.lax.map(one_batch, op.batches)  # leaves [B, m, *leaf]
     return jax.tree.map(lambda g: g.reshape((-1,) + g.shape[2:]), grads)
@@ -165,13 +172,13 @@ def _stack(batches: Sequence[PyTree]) -> PyTree:
     return stack_trees(batches)
 
 
-def hessian_operator(loss_fn: Callable, params: PyTree, batches: list) -> CurvatureOperator:
+def hessian_operator(loss_fn: Callable, params: PyTree, batches: list, shared: PyTree = None) -> CurvatureOperator:
     """Exact Hessian product H v = (1/B) sum_b jvp(grad loss(., b), theta, v)."""
-    return CurvatureOperator(params, _stack(batches), HESSIAN, (loss_fn,))
+    return CurvatureOperator(params, _stack(batches), HESSIAN, (loss_fn,), shared)
 
 
 def ggn_operator(
-    model_fn: Callable, output_loss_fn: Callable, params: PyTree, batches: list
+    model_fn: Callable, output_loss_fn: Callable, params: PyTree, batches: list, shared: PyTree = None
 ) -> CurvatureOperator:
     """Gauss-Newton product G v = (1/B) sum_b J_b^T H_out,b J_b v.
 
@@ -179,15 +186,16 @@ def ggn_operator(
     output_loss_fn(outputs, batch) -> scalar, so that the training loss is
     output_loss_fn(model_fn(params, batch), batch).
     """
-    return CurvatureOperator(params, _stack(batches), GGN, (model_fn, output_loss_fn))
+    return CurvatureOperator(params, _stack(batches), GGN, (model_fn, output_loss_fn), shared)
 
 
-def fisher_operator(per_example_loss_fn: Callable, params: PyTree, batches: list) -> CurvatureOperator:
+def fisher_operator(per_example_loss_fn: Callable, params: PyTree, batches: list,
+                    shared: PyTree = None) -> CurvatureOperator:
     """Empirical Fisher product F v = (1/N) sum_i g_i (g_i^T v), g_i = grad l_i(theta).
 
     per_example_loss_fn(params, batch) -> [m] losses (their mean is the batch loss).
     """
-    return CurvatureOperator(params, _stack(batches), FISHER, (per_example_loss_fn,))
+    return CurvatureOperator(params, _stack(batches), FISHER, (per_example_loss_fn,), shared)
 
 
 @functools.partial(jax.jit, static_argnums=0)
