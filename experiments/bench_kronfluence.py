@@ -289,7 +289,9 @@ def main(argv):
             side_out = os.path.join(workdir, f"{side}.json")
             cmd = [sys.executable, "-m", "experiments.bench_kronfluence", f"--_side={side}",
                    f"--_side_out={side_out}", f"--_workdir={workdir}"] + flag_args
-            env = dict(os.environ, JAXINF_COMPILATION_CACHE="0", **_thread_env(FLAGS.threads))
+            # torch only where it is used: jaxinf sets USE_TORCH=0 (transformers would import torch, ~0.5 GB)
+            env = dict(os.environ, JAXINF_COMPILATION_CACHE="0", USE_TORCH="1" if side == "kronfluence" else "0",
+                       **_thread_env(FLAGS.threads))
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{side} side failed:\n{proc.stderr[-4000:]}")

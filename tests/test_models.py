@@ -206,3 +206,23 @@ def test_local_hf_directory_round_trip(tmp_path, weights):
     np.testing.assert_array_equal(np.asarray(model.apply(model.params, batch["input_ids"], batch["attention_mask"])),
                                   np.asarray(local.apply(local.params, batch["input_ids"], batch["attention_mask"])))
     assert local.tokenizer("hi there")["input_ids"] == model.tokenizer("hi there")["input_ids"]
+
+
+def test_transformers_without_torch_by_default(tmp_path):
+    """jaxinf keeps transformers from importing torch (about 0.5 GB of resident memory), and a local folder with
+    PyTorch .bin weights then gets a one-line error that names the fix (in a fresh process: the switch is read
+    when transformers is first imported)."""
+    import os
+    import subprocess
+    import sys
+
+    model = load_model("tiny-llama")
+    model.config.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    code = ("import sys, jaxinf, transformers; from jaxinf.models import load_model\n"
+            "print(transformers.utils.is_torch_available(), 'torch' in sys.modules)\n"
+            f"load_model({str(tmp_path)!r})")
+    env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.stdout.split() == ["False", "False"], proc.stdout + proc.stderr[-2000:]
+    assert "PyTorch .bin weights need torch" in proc.stderr and "USE_TORCH=1" in proc.stderr, proc.stderr[-2000:]

@@ -99,6 +99,11 @@ def _local_model(path: str, dtype) -> CausalLM:
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     family = _family(config)
     has_flax = os.path.exists(os.path.join(path, "flax_model.msgpack"))
+    only_bin = not has_flax and not any(f.endswith(".safetensors") for f in os.listdir(path))
+    if only_bin and not transformers.utils.is_torch_available():
+        raise ValueError(f"{path}: its PyTorch .bin weights need torch (jaxinf sets USE_TORCH=0 by default): "
+                         "install torch and set USE_TORCH=1 before importing jaxinf, or save the model as "
+                         "model.safetensors")
     # from_pt reads PyTorch .bin (needs torch) or .safetensors (no torch) and converts the layout.
     params = _FLAX_CLASSES[family].from_pretrained(path, from_pt=not has_flax, local_files_only=True).params
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
