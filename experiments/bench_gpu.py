@@ -15,6 +15,9 @@ r"""One accelerator benchmark, three parts, one JSON: GPT-2 small EK-FAC, a Llam
     (B ~ N(0, 0.01) so every adapter has a gradient): per-example LoRA gradients of the training rows (streamed
     and discarded: throughput), EK-FAC fit over the 128 adapter matrices, --llama_query x --llama_train scores.
 (c) study: `python -m experiments.attribute --preset=paper` on --study_data in a fresh workdir (wall seconds).
+(d) ihvp_error: `python -m experiments.ihvp_error` on SmolLM2 (quick preset) and --study_data with the Fisher, the
+    GGN and the Hessian (the study's first explanation for all three curvatures; on a 2-core CPU the model-based
+    references take hours). Its JSON and figure are kept in --ihvp_error_dir.
 
 Every part reports wall seconds per phase (first run includes compilation unless the persistent compilation
 cache is warm; --fit_repeats / --score_repeats > 1 add warm runs) and the device's peak_bytes_in_use (accelerators) / the process's
@@ -50,7 +53,8 @@ FLAGS = flags.FLAGS
 for _name, _value in (("n_train", 1000), ("n_query", 100), ("seq_len", 512), ("batch_size", 8), ("fit_repeats", 1),
                       ("score_repeats", 1), ("out", "results/bench_gpu.json")):
     FLAGS.set_default(_name, _value)
-flags.DEFINE_list("parts", ["gpt2", "llama7b", "study"], "which of gpt2, llama7b, study to run")
+PARTS = ("gpt2", "llama7b", "study", "ihvp_error")
+flags.DEFINE_list("parts", list(PARTS), "which of " + ", ".join(PARTS) + " to run")
 flags.DEFINE_bool("toy", False, "tiny sizes of every part (a CPU test in seconds); overrides the size flags")
 flags.DEFINE_enum("llama_dtype", "bfloat16", ["float32", "bfloat16"], "Llama weights' dtype")
 flags.DEFINE_integer("llama_train", 1000, "Llama training sequences")
@@ -59,6 +63,10 @@ flags.DEFINE_integer("llama_seq_len", 512, "Llama tokens per sequence")
 flags.DEFINE_integer("llama_batch", 8, "Llama sequences per batch (fitting, scoring, per-example gradients)")
 flags.DEFINE_string("study_data", "../shared/paper_datasets/backdoor", "study dataset for part (c)")
 flags.DEFINE_string("study_args", "", "extra arguments for the study binary, e.g. '--limit_train=100'")
+flags.DEFINE_string("ihvp_error_args", "--curvatures=fisher,ggn,hessian --dampings=0.01,0.1,1,10,100 --queries=16 "
+                    "--rows=16 --cg_iters=2,4,8,16,32,64 --lissa_depths=16,64,256,1024 --lanczos_iters=8,16,32,48 "
+                    "--ref_iters=1000", "arguments of part (d)")
+flags.DEFINE_string("ihvp_error_dir", "results/why_influence_fails/ihvp_error_gpu", "part (d)'s workdir (kept)")
 
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -177,23 +185,41 @@ def part_study(extra_args: str) -> dict:
             "failed": [m for m, d in results["methods"].items() if "error" in d]}
 
 
+def part_ihvp_error(args: str, workdir: str) -> dict:
+    cmd = [sys.executable, "-m", "experiments.ihvp_error", f"--data={FLAGS.study_data}", f"--workdir={workdir}",
+           f"--seed={FLAGS.seed}"] + shlex.split(args)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"ihvp_error failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    with open(os.path.join(workdir, "ihvp_error.json")) as f:
+        results = json.load(f)
+    references = [{k: r[k] for k in ("curvature", "damping_fraction", "seconds", "metrics")} |
+                  {"residual": r["reference"]["relative_residual"]} for r in results["references"]]
+    return {"command": " ".join(cmd[1:]), "wall_s": seconds, "references": references,
+            "solver_failures": sum("error" in r for r in results["solvers"])}
+
+
 def main(argv):
     del argv
     runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
-    unknown = [p for p in FLAGS.parts if p not in ("gpt2", "llama7b", "study")]
+    unknown = [p for p in FLAGS.parts if p not in PARTS]
     if unknown:
-        raise app.UsageError(f"--parts: unknown {unknown}; choose from gpt2, llama7b, study")
+        raise app.UsageError(f"--parts: unknown {unknown}; choose from {', '.join(PARTS)}")
     if FLAGS.toy:
         sizes = dict(gpt2_train=8, gpt2_query=4, gpt2_seq_len=16, gpt2_batch=4, gpt2_config=GPT2_TOY,
                      llama_train=8, llama_query=4, llama_seq_len=16, llama_batch=4, llama_config=LLAMA_TOY)
         study_args = "--model=tiny-llama --data=backdoor --limit_train=8 --limit_test=4 --epochs=1 " \
                      "--methods=grad_dot,ekfac --bootstrap=10 " + FLAGS.study_args
+        ihvp_args = "--model=tiny-llama --data=backdoor --limit_train=8 --limit_test=4 --queries=2 --rows=2 " \
+                    "--dampings=1 --cg_iters=2 --lissa_depths=8 --lanczos_iters=4 --dense_max=0 --ref_iters=20"
     else:
         sizes = dict(gpt2_train=FLAGS.n_train, gpt2_query=FLAGS.n_query, gpt2_seq_len=FLAGS.seq_len,
                      gpt2_batch=FLAGS.batch_size, **{k: FLAGS[k].value for k in (
                          "llama_train", "llama_query", "llama_seq_len", "llama_batch")})
         sizes["llama_config"] = LLAMA_7B
-        study_args = FLAGS.study_args
+        study_args, ihvp_args = FLAGS.study_args, FLAGS.ihvp_error_args
     result = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
               "jax": jax.__version__, "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
               "toy": FLAGS.toy, "compilation_cache": runtime.compilation_cache_dir(), "parts": {}}
@@ -203,8 +229,11 @@ def main(argv):
             out = part_gpt2(sizes)
         elif part == "llama7b":
             out = part_llama(sizes)
-        else:
+        elif part == "study":
             out = part_study(study_args)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = part_ihvp_error(ihvp_args, os.path.join(tmp, "ihvp_error") if FLAGS.toy else FLAGS.ihvp_error_dir)
         out["part_wall_s"] = time.perf_counter() - start
         result["parts"][part] = out
         print(f"{part}: {out['part_wall_s']:.1f} s", flush=True)

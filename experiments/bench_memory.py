@@ -5,7 +5,8 @@ r"""Peak resident memory per stage of the study run (the quick preset by default
 
 The stages are those of `python -m experiments.attribute` (the same library calls, in the same order, in a fresh
 --workdir): load the model, tokenise the task, LoRA fine-tune, per-example gradients of the training and test
-rows, then each method; the K-FAC/EK-FAC factor fit is a stage of its own before kfac/ekfac. A sampling thread
+rows, the ground truths (--ground_truth: trajectory influence, LDS retrains, the binary's quick sizes), then each
+method; the K-FAC/EK-FAC factor fit is a stage of its own before kfac/ekfac. A sampling thread
 reads the process's resident set size (psutil, every --sample_ms ms); per stage we record its peak, the RSS at
 its end, and the process's running maximum (getrusage ru_maxrss, which no sampling gap can miss).
 "model_weights_mib" is the size of the model's parameters; the issue's goal is peak - weights <= 2 GiB.
@@ -14,6 +15,7 @@ its end, and the process's running maximum (getrusage ru_maxrss, which no sampli
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -27,6 +29,7 @@ import psutil
 from absl import app, flags
 
 from jaxinf import attribution, recipes, runtime, study, training
+from jaxinf.groundtruth import study as gt_study
 from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
 
 FLAGS = flags.FLAGS
@@ -34,6 +37,9 @@ flags.DEFINE_string("model", DEFAULT_MODEL, "model name or local HF dir (as expe
 flags.DEFINE_string("data", "backdoor", "task (as experiments.attribute)")
 flags.DEFINE_enum("preset", "quick", list(study.PRESETS), "study preset")
 flags.DEFINE_list("methods", list(study.ALL_METHODS), "methods, each a stage")
+flags.DEFINE_list("ground_truth", ["trajectory", "lds"], "ground truths, each a stage (as experiments.attribute)")
+flags.DEFINE_integer("gt_queries", 1, "test rows for trajectory influence (as experiments.attribute; 0 = all)")
+flags.DEFINE_integer("gt_subsets", 4, "LDS retrained subsets (as experiments.attribute)")
 flags.DEFINE_integer("limit_train", None, "override the preset's training subsample")
 flags.DEFINE_integer("limit_test", None, "override the preset's test subsample")
 flags.DEFINE_float("epochs", None, "override the preset's epochs")
@@ -128,6 +134,13 @@ def run(workdir: str, mem: StageMemory) -> dict:
         with mem.stage(f"gradients_{split}"):
             flat = attribution.per_example_gradients(fns, adapters, getattr(task, split), chunk_size=preset.grad_chunk)
             grads[split] = attribution.unflatten_rows(np.asarray(flat), adapters, stacked=False)
+    gt_config = gt_study.GroundTruthConfig(max_queries=FLAGS.gt_queries or None, lds_subsets=FLAGS.gt_subsets,
+                                           lds_fraction=0.5, seed=FLAGS.seed)
+    run_replay = gt_study.replay(fns, adapters, recipes.batch_arrays(task.train), train_config, ft_dir)
+    for kind in FLAGS.ground_truth:
+        with mem.stage(f"ground_truth_{kind}"):
+            gt_study.compute(run_replay, adapters, recipes.batch_arrays(task.test),
+                             dataclasses.replace(gt_config, kinds=(kind,)), os.path.join(workdir, "groundtruth"))
     inputs = study.StudyInputs(fns=fns, adapters=adapters, train=task.train, test=task.test, workdir=ft_dir,
                                preset=preset, train_grads=grads["train"], test_grads=grads["test"], seed=FLAGS.seed)
     for method in FLAGS.methods:

@@ -48,6 +48,18 @@ def test_bench_gpu_toy_study_part(tmp_path):
     assert study["failed"] == [] and set(study["methods"]) == {"grad_dot", "ekfac"}
 
 
+@pytest.mark.slow
+def test_bench_gpu_toy_ihvp_error_part(tmp_path):
+    """Part (d), the study's first explanation for all three curvatures, with the iterative references forced."""
+    out = tmp_path / "gpu.json"
+    _run(["experiments.bench_gpu", "--toy", "--parts=ihvp_error", f"--out={out}"], tmp_path)
+    (result,) = json.loads(out.read_text()).values()
+    refs = result["parts"]["ihvp_error"]["references"]
+    assert [r["curvature"] for r in refs] == ["fisher", "ggn", "hessian"]
+    assert all(np.isfinite(r["residual"]) and 0 <= r["metrics"]["cover"] <= 1 for r in refs), refs
+    assert refs[0]["residual"] == 0.0  # the Fisher's Woodbury reference is exact
+
+
 @pytest.mark.slow  # over a minute of CPU: the default job stays near 10 minutes
 def test_bench_memory_tiny(tmp_path):
     out = tmp_path / "mem.json"
@@ -55,8 +67,8 @@ def test_bench_memory_tiny(tmp_path):
           "--methods=grad_dot,ekfac,repsim", f"--out={out}"], tmp_path)
     (result,) = json.loads(out.read_text()).values()
     names = [s["stage"] for s in result["stages"]]
-    assert names == ["load_model", "tokenize", "finetune", "gradients_train", "gradients_test", "grad_dot",
-                     "kfac_fit", "ekfac", "repsim"]
+    assert names == ["load_model", "tokenize", "finetune", "gradients_train", "gradients_test",
+                     "ground_truth_trajectory", "ground_truth_lds", "grad_dot", "kfac_fit", "ekfac", "repsim"]
     for s in result["stages"]:
         assert s["peak_rss_mib"] >= max(s["rss_start_mib"], s["rss_end_mib"]) > 0
     assert result["peak_rss_mib"] == max(s["peak_rss_mib"] for s in result["stages"])
