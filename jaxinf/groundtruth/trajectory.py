@@ -11,7 +11,9 @@ minimises
 the mean over the B batch slots. So w = 1 reproduces `training.train`, and w_n = 0 masks row n's slots while
 every other row is seen at the same steps, in the same slots, with the same dropout masks (this is the
 convention used for leave-one-out and LDS retraining too). `jax.checkpoint` on the step keeps the reverse pass's
-memory at the scan carry per step (adapters + AdamW moments) plus one step's residuals.
+memory at the scan carry per step (adapters + AdamW moments) plus one step's residuals. With a device `mesh`
+(`jaxinf.sharding`) every replayed micro-batch is split over its data axis, as in `training.train`, and the base
+weights are FSDP-sharded over its model axis: the same numbers up to summation order (tests/test_sharding.py).
 
 Trajectory influence of row n on query q at step t is
 
