@@ -167,17 +167,23 @@ def part_llama(sizes: dict) -> dict:
             "memory_after_fit": fit_memory, "memory_after_score": _device_memory()}
 
 
+def _run_binary(module: str, workdir: str, args: str, result_file: str) -> tuple[list, float, dict]:
+    """(command, wall seconds, its JSON results) of `python -m module` on --study_data, writing to `workdir`."""
+    cmd = [sys.executable, "-m", module, f"--data={FLAGS.study_data}", f"--workdir={workdir}",
+           f"--seed={FLAGS.seed}"] + shlex.split(args)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    with open(os.path.join(workdir, result_file)) as f:
+        return cmd, seconds, json.load(f)
+
+
 def part_study(extra_args: str) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
-        cmd = [sys.executable, "-m", "experiments.attribute", "--preset=paper", f"--data={FLAGS.study_data}",
-               f"--workdir={workdir}", f"--seed={FLAGS.seed}"] + shlex.split(extra_args)
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"study binary failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-        with open(os.path.join(workdir, "results.json")) as f:
-            results = json.load(f)
+        cmd, seconds, results = _run_binary("experiments.attribute", workdir, "--preset=paper " + extra_args,
+                                            "results.json")
     methods = {m: {"seconds": d.get("seconds"), "auc": (d.get("auc") or {}).get("value")}
                for m, d in results["methods"].items() if "error" not in d}
     return {"command": " ".join(cmd[1:]).replace(workdir, "<tmp>"), "wall_s": seconds,
@@ -186,15 +192,7 @@ def part_study(extra_args: str) -> dict:
 
 
 def part_ihvp_error(args: str, workdir: str) -> dict:
-    cmd = [sys.executable, "-m", "experiments.ihvp_error", f"--data={FLAGS.study_data}", f"--workdir={workdir}",
-           f"--seed={FLAGS.seed}"] + shlex.split(args)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"ihvp_error failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    with open(os.path.join(workdir, "ihvp_error.json")) as f:
-        results = json.load(f)
+    cmd, seconds, results = _run_binary("experiments.ihvp_error", workdir, args, "ihvp_error.json")
     references = [{k: r[k] for k in ("curvature", "damping_fraction", "seconds", "metrics")} |
                   {"residual": r["reference"]["relative_residual"]} for r in results["references"]]
     return {"command": " ".join(cmd[1:]), "wall_s": seconds, "references": references,
