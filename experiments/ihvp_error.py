@@ -89,9 +89,10 @@ def _reference(kind, op, lam, queries_flat, query_tree):
                    "min_eigenvalue": float(w[0]), "max_eigenvalue": float(w[-1])}
     if kind == "fisher":  # float64 Woodbury: x* = (q - G^T (G G^T + N lambda I)^{-1} G q) / lambda
         g = _flat(jax.tree.map(lambda x: x[0], op.batches))  # [N, D]: the one stacked batch of gradient rows
-        return study.exact_fisher_directions(g, queries_flat, lam), {"method": "float64 Woodbury over all parameters (exact for the empirical Fisher); scores "
-                             "(G G^T / N + lambda I)^{-1} G q without cancellation", "relative_residual": 0.0,
-                   "scores": study.exact_fisher_scores(g, queries_flat, lam)}
+        how = {"method": "float64 Woodbury over all parameters (exact for the empirical Fisher); scores "
+                         "(G G^T / N + lambda I)^{-1} G q without cancellation", "relative_residual": 0.0,
+               "scores": study.exact_fisher_scores(g, queries_flat, lam)}
+        return study.exact_fisher_directions(g, queries_flat, lam), how
     # op (its frozen weights and batches) is an argument, not a closed-over constant: XLA would otherwise fold
     # and embed the model's weights in the executable (minutes of compilation and a huge cache entry on SmolLM2)
     mv = jax.jit(lambda o, v: o.spec.ravel(o.matvec(o.spec.unravel(v))))
