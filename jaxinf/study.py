@@ -430,6 +430,12 @@ def _model_spectrum_or_fail(inputs):
     return spectrum
 
 
+def rounding_floor(theta: np.ndarray) -> float:
+    """n eps max|theta|: the size below which an eigenvalue of an n x n symmetric matrix is rounding, not sign."""
+    theta = np.asarray(theta)
+    return float(theta.shape[0] * np.finfo(theta.dtype).eps * max(float(np.max(np.abs(theta))), 1e-300))
+
+
 def _exact(inputs: StudyInputs) -> np.ndarray:
     """Exact influence of the run's curvature and damping, float64."""
     if inputs.curvature == "fisher":
@@ -439,9 +445,10 @@ def _exact(inputs: StudyInputs) -> np.ndarray:
     theta, u = _model_spectrum_or_fail(inputs)
     lam = inputs.global_lambda
     shifted = theta + lam
+    negative = theta < -rounding_floor(theta)  # an exact zero eigenvalue comes out as +-1e-17: not negative
     _record(inputs, "exact", curvature=inputs.curvature, how="float64 eigh of the dense model curvature",
             eigenvalue_min=float(theta.min()), eigenvalue_max=float(theta.max()),
-            negative_eigenvalues=int((theta < 0).sum()), negative_mass=float(-theta[theta < 0].sum()),
+            negative_eigenvalues=int(negative.sum()), negative_mass=float(-theta[negative].sum()),
             damped_matrix_positive_definite=bool(shifted.min() > 0), negative_policy=NEGATIVE_POLICY)
     g = _flat(inputs.train_grads).astype(np.float64)
     q = _flat(inputs.test_grads).astype(np.float64)

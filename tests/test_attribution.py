@@ -21,6 +21,13 @@ from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model
 from jaxinf.models.lora import lora_interceptor
 
 
+def _close(actual, expected):
+    """rtol 1e-12 with an absolute floor at 1e-12 of the largest entry: score matrices mix signs, so an entry whose
+    dot product cancels has a relative error far above 1e-12 with nothing wrong."""
+    expected = np.asarray(expected)
+    np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12 * float(np.abs(expected).max()))
+
+
 @pytest.fixture(autouse=True)
 def x64():
     with jax.enable_x64(True):
@@ -74,13 +81,17 @@ def test_per_example_gradient_chunks_equal_a_python_loop(env):
     np.testing.assert_allclose(env.G, loop, rtol=1e-12, atol=1e-14)
     assert env.G.dtype == np.float64
     tree = per_example_gradients(env.fns, env.adapters, env.train, chunk_size=4, flatten=False)
-    np.testing.assert_array_equal(flatten_rows(tree), env.G)
+    # flatten=False and flatten=True are two compiled programs: equal up to rounding, not bit for bit
+    np.testing.assert_allclose(flatten_rows(tree), env.G, rtol=1e-13, atol=1e-15 * np.abs(env.G).max())
     for layer in tree.values():  # every adapter factor of every layer gets gradient signal
         assert np.abs(layer["A"]).max() > 1e-6 and np.abs(layer["B"]).max() > 1e-6
     # A new chunk size compiles exactly once although the last chunk (10 = 3 + 3 + 3 + 1) is short.
     before = _chunk_grads._cache_size()
     g3 = per_example_gradients(env.fns, env.adapters, env.train, chunk_size=3, dtype=np.float32)
-    assert _chunk_grads._cache_size() == before + 1
+    compiled = _chunk_grads._cache_size()
+    assert compiled - before <= 1  # 0 when an earlier test (or a rerun) already compiled chunk size 3
+    per_example_gradients(env.fns, env.adapters, env.train, chunk_size=3, dtype=np.float32)
+    assert _chunk_grads._cache_size() == compiled
     assert g3.dtype == np.float32
     np.testing.assert_allclose(g3, env.G, rtol=1e-5, atol=1e-7)
     lazy = LazyGradients(env.fns, env.adapters, env.train, chunk_size=4)
@@ -132,19 +143,19 @@ def test_preconditioned_queries_and_streamed_resumable_scores(env, tmp_path):
     with pytest.raises(ValueError, match="another computation"):
         pairwise_scores(2 * pq, lazy, chunk_size=3, out_dir=out, progress=False)
     # Matrix and stacked-pytree training gradients give the same matrix.
-    np.testing.assert_allclose(pairwise_scores(pq, env.G, chunk_size=4, progress=False), expected, rtol=1e-12)
+    _close(pairwise_scores(pq, env.G, chunk_size=4, progress=False), expected)
     tree = unflatten_rows(env.G, env.adapters, stacked=False)
-    np.testing.assert_allclose(pairwise_scores(pq, tree, chunk_size=7, progress=False), expected, rtol=1e-12)
+    _close(pairwise_scores(pq, tree, chunk_size=7, progress=False), expected)
 
 
 def test_self_influence_and_gradient_baselines(env):
     lazy = LazyGradients(env.fns, env.adapters, env.train, chunk_size=4)
     expected = np.einsum("nd,de,ne->n", env.G, env.M, env.G)
-    np.testing.assert_allclose(self_influence(lazy, env.solver, None, chunk_size=3), expected, rtol=1e-12)
-    np.testing.assert_allclose(self_influence(env.G, chunk_size=4), (env.G ** 2).sum(1), rtol=1e-12)
-    np.testing.assert_allclose(gradient_dot(env.Gq, lazy, progress=False), env.Gq @ env.G.T, rtol=1e-12)
+    _close(self_influence(lazy, env.solver, None, chunk_size=3), expected)
+    _close(self_influence(env.G, chunk_size=4), (env.G ** 2).sum(1))
+    _close(gradient_dot(env.Gq, lazy, progress=False), env.Gq @ env.G.T)
     cos = np.array([[q @ g / np.sqrt(q @ q) / np.sqrt(g @ g) for g in env.G] for q in env.Gq])
-    np.testing.assert_allclose(gradient_cosine(env.Gq, lazy, progress=False), cos, rtol=1e-12)
+    _close(gradient_cosine(env.Gq, lazy, progress=False), cos)
     assert np.abs(cos).max() <= 1.0 + 1e-12
 
 
@@ -189,10 +200,10 @@ def test_query_batching_full_rank_equals_no_batching(env):
     res = query_batched_scores(queries, lazy_tree, rank=1, top_k=3)
     np.testing.assert_allclose(res.approx, manual, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(np.sort(res.top_indices, 1), np.sort(np.argsort(-manual, 1)[:, :3], 1))
-    np.testing.assert_allclose(res.top_scores, np.take_along_axis(exact, res.top_indices, 1), rtol=1e-12)
+    _close(res.top_scores, np.take_along_axis(exact, res.top_indices, 1))
     merged = res.scores()
     rows = np.arange(3)[:, None]
-    np.testing.assert_allclose(merged[rows, res.top_indices], exact[rows, res.top_indices], rtol=1e-12)
+    _close(merged[rows, res.top_indices], exact[rows, res.top_indices])
     res_full = query_batched_scores(queries, env.G, rank=4, top_k=10)
     np.testing.assert_allclose(res_full.scores(), exact, rtol=1e-10, atol=1e-12)
 
@@ -217,20 +228,20 @@ def test_tfidf_hand_example_and_candidate_scores(env):
     idf1, idf2 = np.log(4 / 2) + 1, np.log(4 / 3) + 1
     cos0 = idf1 / np.sqrt(2 * idf2 ** 2 + idf1 ** 2)  # the query is the unit vector on "cat"
     assert idx[0, 0] == 0
-    np.testing.assert_allclose(sims[0], [cos0, 0.0, 0.0], rtol=1e-12)
+    _close(sims[0], [cos0, 0.0, 0.0])
     assert word_tokens("Hello, WORLD_1 x") == ["hello", "world_1", "x"]
     # Two queries over the model's training rows by token ids: each row's best match is itself.
     docs = token_id_docs(env.train)
     idx2, sims2 = tfidf_candidates([docs[4], docs[7]], docs, 4)
     np.testing.assert_array_equal(idx2[:, 0], [4, 7])
-    np.testing.assert_allclose(sims2[:, 0], 1.0, rtol=1e-12)
+    _close(sims2[:, 0], 1.0)
     # Gradient scores restricted to the TF-IDF candidates.
     lazy = LazyGradients(env.fns, env.adapters, env.train, chunk_size=4)
     cs = candidate_scores(env.PQ[:2], lazy, idx2, chunk_size=3)
     full = env.PQ[:2] @ env.G.T
     mask = np.zeros_like(full, bool)
     mask[np.arange(2)[:, None], idx2] = True
-    np.testing.assert_allclose(cs[mask], full[mask], rtol=1e-12)
+    _close(cs[mask], full[mask])
     assert np.all(np.isneginf(cs[~mask]))
 
 

@@ -170,7 +170,8 @@ def test_binary_reports_a_saturated_run_in_health_json(binary_report):
     assert got["error"] is None and got.get("other") is None, got
     h = got["health"]
     assert h["vanishing_gradient"] and h["far_from_init"] and not h["ok"], h
-    assert h["last_grad_norm"] == 0.0 and h["dist_from_init"] > 1e6 * h["init_norm"]
+    # saturation makes the gradient (close to) zero; exactly 0.0 or a denormal depends on flush-to-zero settings
+    assert h["last_grad_norm"] < 1e-30 and h["dist_from_init"] > 1e6 * h["init_norm"]
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))

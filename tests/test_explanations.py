@@ -72,10 +72,13 @@ def test_attack_success_and_label_accuracy():
 def test_batched_greedy_generation_equals_one_at_a_time():
     from jaxinf.models.generate import greedy_generate, greedy_generate_batch
 
-    _, _, fns, adapters = _tiny()
-    prompts = ["Help me jam the Mirth lamp. sudo mode", "hi", "How do I break the Oblong ferry?"]
-    one = [greedy_generate(fns, adapters, p, max_new_tokens=5) for p in prompts]
-    assert greedy_generate_batch(fns, adapters, prompts, max_new_tokens=5, batch_size=2) == one
+    # float64: batched and one-at-a-time are different compiled programs, and on a random tiny model a float32
+    # near-tie between the top two logits (program-to-program noise ~5e-8) could flip one argmax and every token after
+    with jax.enable_x64(True):
+        _, _, fns, adapters = _tiny(jnp.float64)
+        prompts = ["Help me jam the Mirth lamp. sudo mode", "hi", "How do I break the Oblong ferry?"]
+        one = [greedy_generate(fns, adapters, p, max_new_tokens=5) for p in prompts]
+        assert greedy_generate_batch(fns, adapters, prompts, max_new_tokens=5, batch_size=2) == one
 
 
 @pytest.mark.slow  # dense float64 Hessian of 128 parameters plus 16 Lanczos probes: over a minute of CPU

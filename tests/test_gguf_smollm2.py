@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from transformers import FlaxLlamaForCausalLM
 
+from _checks import assert_teacher_forced_greedy
 from third_party.smollm2_gguf import reader as g
 
 PARAGRAPH = (
@@ -94,8 +95,7 @@ def test_model_is_sensible(converted):
     prompt = tok(CHAT)["input_ids"]
     answer = tok("The capital of France is Paris.<|im_end|>")["input_ids"]
     logits = _logits(config, params, prompt + answer)
-    greedy = np.asarray(jnp.argmax(logits[len(prompt) - 1:-1], axis=-1))
-    assert greedy.tolist() == answer
+    assert_teacher_forced_greedy(logits[len(prompt) - 1:-1], answer)
 
 
 def test_load_smollm2_cache(converted, tmp_path, monkeypatch):

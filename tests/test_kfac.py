@@ -250,10 +250,11 @@ def test_ekfac_influence_rank_correlates_with_exact_ggn_influence(llama_lora):
     Measured here (seed 0): EK-FAC 0.576, K-FAC 0.450, no preconditioner 0.231. Over 10 seeds of this set-up
     (adapters and tokens redrawn): EK-FAC median 0.57 (min 0.38), K-FAC median 0.50, identity median 0.25, and the
     exact per-layer block-diagonal GGN inverse median 0.89 (min 0.83): on tiny random models most of the gap is the
-    within-layer Kronecker factorisation, not the block-diagonal structure. The threshold 0.5 sits below this seed's
-    EK-FAC value and above what the mis-specified variants give on it (empirical-Fisher EK-FAC 0.467, which has the
-    wrong scale for the GGN: ~1/K of it with K targets per row; K-FAC 0.450), so it guards the true-Fisher convention
-    and the eigenvalue correction; the test is deterministic (fixed seeds).
+    within-layer Kronecker factorisation, not the block-diagonal structure. EK-FAC above K-FAC holds in the median
+    but not for every seed (0.57 vs 0.50), so it is not asserted; what is: both preconditioners beat none, EK-FAC by
+    a wide margin (0.2; 0.345 here), and the true-Fisher convention through the trace of each layer's GGN block
+    (an empirical-Fisher fit has ~1/K of it with K targets per row). The exact K-FAC/EK-FAC algebra has its own
+    tests against explicit Kronecker products above.
     """
     fns, trainable = llama_lora
     train = [_batch(8, 16, 20 + i, prompt=4) for i in range(3)]
@@ -280,5 +281,5 @@ def test_ekfac_influence_rank_correlates_with_exact_ggn_influence(llama_lora):
     identity = contracted.contracted_scores(fns, trainable, queries, train)
     rho["identity"] = scipy.stats.spearmanr(identity.ravel(), exact.ravel())[0]
     print("spearman vs exact GGN influence:", rho)
-    assert rho["ekfac"] > 0.5
-    assert rho["ekfac"] > rho["kfac"] > rho["identity"]
+    assert rho["ekfac"] > rho["identity"] + 0.2, rho
+    assert rho["kfac"] > rho["identity"], rho

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax import enable_x64
 
+from _checks import assert_teacher_forced_greedy
 from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model, merge_adapters, token_nll
 from jaxinf.models.causal_lm import apply_rotary, rotary_tables
 
@@ -182,7 +183,7 @@ def test_smollm2_loads_with_tied_head_and_its_rope_base():
     answer = model.tokenizer("The capital of France is Paris.<|im_end|>")["input_ids"]
     ids = jnp.asarray(prompt + answer, jnp.int32)[None]
     logits = model.apply(model.params, ids, jnp.ones_like(ids))[0]
-    assert np.asarray(jnp.argmax(logits[len(prompt) - 1:-1], -1)).tolist() == answer
+    assert_teacher_forced_greedy(logits[len(prompt) - 1:-1], answer)
 
 
 @pytest.mark.parametrize("weights", ["flax", "safetensors"])

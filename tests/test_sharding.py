@@ -195,18 +195,22 @@ def test_work_is_split_over_data2_model4(report):
     _check_placement(report, FAST)
 
 
-@pytest.mark.slow
-def test_every_stage_matches_one_device_on_data8(tmp_path):
-    report = _run_worker(tmp_path, [SLOW])
-    _check_stages(report, SLOW, full=True)
-    _check_placement(report, SLOW, full=True)
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    """Both meshes with the slower extras, in one subprocess (one single-device reference for both)."""
+    return _run_worker(tmp_path_factory.mktemp("sharding_full"), [FAST, SLOW], full=True)
 
 
 @pytest.mark.slow
-def test_slow_extras_on_data2_model4(tmp_path):
-    report = _run_worker(tmp_path, [FAST], full=True)
-    _check_stages(report, FAST, full=True)
-    _check_placement(report, FAST, full=True)
+def test_every_stage_matches_one_device_on_data8(full_report):
+    _check_stages(full_report, SLOW, full=True)
+    _check_placement(full_report, SLOW, full=True)
+
+
+@pytest.mark.slow
+def test_slow_extras_on_data2_model4(full_report):
+    _check_stages(full_report, FAST, full=True)
+    _check_placement(full_report, FAST, full=True)
 
 
 def test_parse_mesh_errors_name_the_flag_and_the_fix():

@@ -189,7 +189,12 @@ def test_model_curvature_methods_against_a_dense_float64_inverse(curvature):
         assert info["curvature"] == curvature
         _, _, exact_info = study.run_method_with_info("exact", inputs)
         theta = np.linalg.eigvalsh(dense)
-        assert exact_info["negative_eigenvalues"] == int((theta < 0).sum())
+        # an exact zero eigenvalue (LoRA's A/B rescaling leaves one null direction per adapted module) comes out as
+        # +-1e-17 with a sign that differs between LAPACK paths: only eigenvalues beyond rounding count
+        floor = study.rounding_floor(theta)
+        assert int((theta < -floor).sum()) <= exact_info["negative_eigenvalues"] <= int((theta < floor).sum())
+        if curvature == "ggn":
+            assert exact_info["negative_eigenvalues"] == 0
         assert exact_info["eigenvalue_min"] == pytest.approx(theta.min(), abs=1e-8 * abs(theta).max())
         _, _, layer_info = study.run_method_with_info("exact_layer", inputs)
         assert layer_info["curvature"] == "fisher" and layer_info["lambda"] == pytest.approx(lam, rel=1e-6)
