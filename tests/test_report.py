@@ -49,6 +49,12 @@ def env(tmp_path_factory):
         yield e
 
 
+def _rtol(method):
+    """Direct solves and dot products agree with the float64 oracle to 1e-6; CG stops at the study's relative
+    residual (1e-6), so its direction, and every score from it, is only as accurate as cond(F + lambda I) x 1e-6."""
+    return 1e-4 if method == "cg" else 1e-6
+
+
 def _oracle(env, method):
     """Dense float64 score matrices computed here, independently of jaxinf.study."""
     g, q = env.G, env.Q
@@ -70,7 +76,7 @@ def test_rows_shown_are_the_oracles_top_and_bottom_k(env, method):
         np.testing.assert_array_equal(top, np.argsort(-oracle[qi], kind="stable")[:K])
         np.testing.assert_array_equal(bottom, np.argsort(oracle[qi], kind="stable")[:K])
         np.testing.assert_allclose([r["score"] for r in res["top"] + res["bottom"]], oracle[qi, top + bottom],
-                                   rtol=1e-6)
+                                   rtol=_rtol(method))
         assert all(r["group"] == env.train_rows[r["index"]]["group"] for r in res["top"])
         assert all(r["response"] == env.train_rows[r["index"]]["response"] for r in res["bottom"])
 
@@ -110,7 +116,8 @@ def test_token_scores_sum_to_each_rows_score_and_equal_a_dense_jacobian(env, met
                 jac = np.asarray(jac_fn(flat0, batch))  # [T, D]
                 keep = np.asarray(env.train.attention_mask[n]) > 0
                 expected = (jac @ _oracle_direction(env, method, qi, n))[keep]
-                np.testing.assert_allclose(s, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+                np.testing.assert_allclose(s, expected, rtol=_rtol(method),
+                                           atol=1e-3 * _rtol(method) * np.abs(expected).max())
                 assert np.count_nonzero(np.abs(expected) > 1e-6 * np.abs(expected).max()) >= 2
 
 

@@ -49,10 +49,15 @@ def test_every_method_runs_and_writes_results(first_run):
     # the Fisher's rank) reproduce exact influence; gradient matching and RepSim do not.
     agree = {m: results["methods"][m]["vs_exact"]["spearman"] for m in methods}
     assert agree["exact"] == pytest.approx(1.0)
-    assert min(agree["cg"], agree["lanczos"], agree["arnoldi"]) > 0.999, agree
-    assert agree["grad_dot"] < 0.9 and agree["repsim"] < 0.9, agree
+    # the float32 solvers' scores are within 1e-3 of the largest exact score (measured: CG 5e-6, Arnoldi 2e-5,
+    # Lanczos 2e-4); ranks are checked loosely, since near-tied rows may swap at that level on another CPU
     s_exact = np.load(os.path.join(workdir, "scores", "exact__fisher_global_f0.1.npz"))["scores"]
     assert s_exact.shape == (8, 24)
+    for m in ("cg", "lanczos", "arnoldi"):
+        s_m = np.load(os.path.join(workdir, "scores", f"{m}__fisher_global_f0.1.npz"))["scores"]
+        assert np.abs(s_m - s_exact).max() <= 1e-3 * np.abs(s_exact).max(), m
+    assert min(agree["cg"], agree["lanczos"], agree["arnoldi"]) > 0.99, agree
+    assert agree["grad_dot"] < 0.9 and agree["repsim"] < 0.9, agree  # measured 0.25 and 0.14
     # one damping for every method: the same absolute lambda = 0.1 tr(F)/D, recorded per method
     lam = results["damping"]["lambda"]
     assert lam == pytest.approx(0.1 * results["damping"]["trace"] / results["damping"]["dim"])
