@@ -188,30 +188,28 @@ def main(argv):
                      "health": health.read(ft_dir)},  # loss not falling, vanishing gradient, far from init
         "data_split": task.split_info,  # how train/test were split, sizes, duplicates kept by --allow_overlap
     }
+    ground_truth = {}  # kind -> ground truth (jaxinf.groundtruth.study.compute) of this run only
     if _ground_truth_kinds():  # counterfactual ground truths of this fine-tuning (cached in workdir/groundtruth)
-        _GROUND_TRUTH.update(_ground_truths(fns, adapters, task, train_config, grads_train, ft_dir, mesh))
-        run_info["ground_truth"] = gt_study.summary(_GROUND_TRUTH)
+        ground_truth = _ground_truths(fns, adapters, task, train_config, grads_train, ft_dir, mesh)
+        run_info["ground_truth"] = gt_study.summary(ground_truth)
     print(f"\n{title}; fine-tune loss {final.get('loss', float('nan')):.3f} after {steps} steps")
     for value in dampings:  # one result set per damping value; fine-tuning, gradients and factors are shared
         result_dir = FLAGS.workdir if len(dampings) == 1 else os.path.join(FLAGS.workdir, f"damping_{value:g}")
-        path = _attribute_one_damping(dataclasses.replace(inputs, damping=value), task, result_dir, run_info, title)
+        path = _attribute_one_damping(dataclasses.replace(inputs, damping=value), task, result_dir, run_info, title,
+                                      ground_truth)
     where = f"; report: {path}" if path else ""
     print(f"total {time.perf_counter() - start:.0f} s{where}")
 
 
 def _data_options() -> dict:
     """Data flags that change which rows or tokens a run sees, when set away from their defaults (so workdirs made
-    before these flags existed still resume)."""
-    keys = ("test_data", "test_fraction", "prompt_column", "response_column", "group_column", "template", "max_length")
-    return {k: FLAGS[k].value for k in keys if FLAGS[k].value != FLAGS[k].default}
+    before these flags existed still resume): the same keys and defaults as jaxinf.api.DATA_OPTIONS."""
+    return api.data_options({k: FLAGS[k].value for k in api.DATA_OPTIONS})
 
 
 def _dtype_option() -> dict:
     """The model dtype as a workdir setting: None for float32, so workdirs made before --dtype existed resume."""
     return {"dtype": None if FLAGS.dtype in (None, "float32") else FLAGS.dtype}
-
-
-_GROUND_TRUTH = {}  # kind -> ground truth (jaxinf.groundtruth.study.compute), filled by main
 
 
 def _ground_truth_kinds() -> list:
@@ -236,30 +234,30 @@ def _ground_truths(fns, adapters, task, train_config, grads_train, ft_dir, mesh=
                             os.path.join(FLAGS.workdir, "groundtruth"))
 
 
-def _ground_truth_columns(scores, detail, row):
+def _ground_truth_columns(scores, detail, row, ground_truth):
     """Agreement of one method's scores with every ground truth: results.json (with per-query values) and CSV."""
-    if not _GROUND_TRUTH:
+    if not ground_truth:
         return
-    agree = gt_study.agreement_with(scores, _GROUND_TRUTH, n_boot=FLAGS.bootstrap, seed=FLAGS.seed)
+    agree = gt_study.agreement_with(scores, ground_truth, n_boot=FLAGS.bootstrap, seed=FLAGS.seed)
     detail["ground_truth"] = agree
     for kind, a in agree.items():
         row[f"gt_{kind}"], (row[f"gt_{kind}_lo"], row[f"gt_{kind}_hi"]) = a["value"], a["ci"]
 
 
-def _ground_truth_table(rows, n_test, n_train, result_dir, title):
+def _ground_truth_table(rows, n_test, n_train, result_dir, title, ground_truth):
     """Ground truths scored as methods against each other, then the agreement table and plot."""
-    if not _GROUND_TRUTH:
+    if not ground_truth:
         return
-    kinds = list(_GROUND_TRUTH)
+    kinds = list(ground_truth)
     for kind in kinds:
-        as_scores = gt_study.as_method_scores(kind, _GROUND_TRUTH[kind], n_test, n_train)
+        as_scores = gt_study.as_method_scores(kind, ground_truth[kind], n_test, n_train)
         if as_scores is not None:
             row = {"method": f"gt:{kind}"}
-            _ground_truth_columns(as_scores, {}, row)
+            _ground_truth_columns(as_scores, {}, row, ground_truth)
             rows.append(row)
     gt_study.plot_agreement(rows, kinds, os.path.join(result_dir, "gt_agreement.png"), title)
     recipes.write_json(os.path.join(result_dir, "ground_truth.json"), {
-        "ground_truths": gt_study.summary(_GROUND_TRUTH),
+        "ground_truths": gt_study.summary(ground_truth),
         "agreement": {r["method"]: {k: [r.get(f"gt_{k}"), r.get(f"gt_{k}_lo"), r.get(f"gt_{k}_hi")] for k in kinds}
                       for r in rows}})
     print("\nagreement with counterfactual ground truth (LDS for lds; mean per-query Spearman for the others; "
@@ -269,7 +267,7 @@ def _ground_truth_table(rows, n_test, n_train, result_dir, title):
         cells = [f"{r[f'gt_{k}']:6.3f} [{r[f'gt_{k}_lo']:5.2f},{r[f'gt_{k}_hi']:5.2f}]"
                  if f"gt_{k}" in r and np.isfinite(r[f"gt_{k}"]) else f"{'-':>16s}" for k in kinds]
         print(f"{r['method']:14s} " + " ".join(f"{c:>16s}" for c in cells))
-    facts = {k: v for k, v in gt_study.summary(_GROUND_TRUTH).items()}
+    facts = {k: v for k, v in gt_study.summary(ground_truth).items()}
     print("ground truths: " + "; ".join(f"{k} {v['seconds']:.0f} s" + (
         f" ({v['subsets']} subsets of {v['fraction']:.2f})" if k == "lds"
         else f" ({len(v['queries'])} queries x {v['rows']} rows)") + (
@@ -320,7 +318,7 @@ def _method_record(method, scores, seconds, info, exact_scores, task):
     return detail, row
 
 
-def _attribute_one_damping(inputs, task, result_dir, run_info, title):
+def _attribute_one_damping(inputs, task, result_dir, run_info, title, ground_truth):
     """Every method at one damping value: scores (cached), metrics, results.json / results.csv / metrics.png in
     result_dir and a table on stdout."""
     os.makedirs(result_dir, exist_ok=True)
@@ -342,7 +340,7 @@ def _attribute_one_damping(inputs, task, result_dir, run_info, title):
         clock.close()
         detail, row = _method_record(method, scores, seconds, info, exact_scores, task)
         # Per-method extra outputs: add keys to `detail` (results.json) and/or `row` (results.csv) here.
-        _ground_truth_columns(scores, detail, row)
+        _ground_truth_columns(scores, detail, row, ground_truth)
         detail["top_rows"] = report.top_rows_table(scores, task.train.groups, FLAGS.top_k, seed=FLAGS.seed)
         all_scores[method] = scores
         details[method] = detail
@@ -372,7 +370,8 @@ def _attribute_one_damping(inputs, task, result_dir, run_info, title):
           f"the damped {inputs.curvature} inverted exactly in float64); for iHVP methods it measures their "
           "approximation error. lambda: the absolute damping each method used (a range when per block)")
     print(f"results: {result_dir}/results.json, results.csv, metrics.png")
-    _ground_truth_table([dict(r) for r in rows], len(task.test_rows), len(task.train_rows), result_dir, title)
+    _ground_truth_table([dict(r) for r in rows], len(task.test_rows), len(task.train_rows), result_dir, title,
+                        ground_truth)
     return _report(inputs, task, all_scores, result_dir, title)
 
 

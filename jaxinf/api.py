@@ -30,9 +30,12 @@ from jaxinf.progress import log, stage
 
 SETTINGS = "attribute_config.json"
 # settings of a study workdir and their defaults (a key absent from an older attribute_config.json = its default)
+# the data options (which rows, which tokens) are kept only when set away from these defaults, as the binary does
+DATA_OPTIONS = {"test_data": None, "test_fraction": None, "prompt_column": "prompts", "response_column": "response",
+                "group_column": "variation", "template": None, "max_length": None}
 DEFAULT_SETTINGS = {"model": "smollm2-135m-instruct", "data": "backdoor", "preset": "quick", "seed": 0,
                     "limit_train": None, "limit_test": None, "epochs": None, "loss_on": "response",
-                    "repsim_pooling": "prompt_end", "lissa_depth": None, "dtype": None}
+                    "repsim_pooling": "prompt_end", "lissa_depth": None, "dtype": None, **DATA_OPTIONS}
 
 # how the methods run, not what they run on: may differ between calls on one workdir (None = the study's default)
 STUDY_OPTIONS = ("damping", "damping_scope", "curvature")
@@ -41,6 +44,17 @@ STUDY_OPTIONS = ("damping", "damping_scope", "curvature")
 def model_dtype(settings: dict):
     """The study model's dtype: settings["dtype"] ("bfloat16"; None = float32, the study binary's --dtype)."""
     return jnp.bfloat16 if settings.get("dtype") == "bfloat16" else jnp.float32
+
+
+def data_options(settings: dict) -> dict:
+    """The data options of `settings` that differ from their defaults (what guards a fine-tuning's workdir)."""
+    return {k: settings[k] for k in DATA_OPTIONS if settings.get(k, DATA_OPTIONS[k]) != DATA_OPTIONS[k]}
+
+
+def template_and_length(settings: dict) -> tuple:
+    """(template, max_length) of a study: the settings' when set (--template / --max_length), else the preset's."""
+    preset = study.PRESETS[settings["preset"]]
+    return settings.get("template") or preset.template, settings.get("max_length") or preset.max_length
 
 
 def _limit(value, preset_value):
@@ -87,10 +101,14 @@ def prepare(settings: dict, workdir: str, *, test_gradients: bool = True, model=
     settings = dict(DEFAULT_SETTINGS, **settings)
     preset = study.PRESETS[settings["preset"]]
     model = model or load_model(settings["model"], seed=settings["seed"], dtype=model_dtype(settings))
+    template, max_length = template_and_length(settings)
     task = recipes.load_task(model, recipes.TaskConfig(
-        source=settings["data"], template=preset.template, max_length=preset.max_length, loss_on=settings["loss_on"],
+        source=settings["data"], template=template, max_length=max_length, loss_on=settings["loss_on"],
         limit_train=_limit(settings["limit_train"], preset.limit_train),
-        limit_test=_limit(settings["limit_test"], preset.limit_test), seed=settings["seed"]))
+        limit_test=_limit(settings["limit_test"], preset.limit_test), seed=settings["seed"],
+        prompt_column=settings["prompt_column"], response_column=settings["response_column"],
+        group_column=settings["group_column"], test_data=settings["test_data"],
+        test_fraction=settings["test_fraction"]))
     harmful = "harmful" in set(task.train.groups.tolist())
     epochs = settings["epochs"] or (preset.epochs_harmful if harmful and preset.epochs_harmful else preset.epochs)
     lora = LoraConfig(dropout=preset.lora_dropout)
@@ -103,7 +121,8 @@ def prepare(settings: dict, workdir: str, *, test_gradients: bool = True, model=
     ft_dir = os.path.join(workdir, "finetune")
     adapters, train_log = recipes.finetune_lora(
         model, lora, task, train_config, ft_dir,
-        run_config={"data": settings["data"], "preset": settings["preset"], "loss_on": settings["loss_on"]})
+        run_config={"data": settings["data"], "preset": settings["preset"], "loss_on": settings["loss_on"],
+                    **data_options(settings)})
     fns = LMFunctions(model, lora)
     grads_train = cached_gradients(fns, adapters, task.train, os.path.join(workdir, "grads_train.npz"),
                                    preset.grad_chunk, desc="gradients (train)")
@@ -134,10 +153,10 @@ def tokenize_queries(model, queries: Sequence[dict], settings: dict):
     """Query rows ({"prompt", "response"[, "group"]}) tokenised like the study's rows (template, length, mask)."""
     from jaxinf.data import tokenize_rows
 
-    preset = study.PRESETS[settings["preset"]]
+    template, max_length = template_and_length(dict(DEFAULT_SETTINGS, **settings))
     rows = [{"prompt": q["prompt"], "response": q["response"], "group": q.get("group", "query")} for q in queries]
-    return rows, tokenize_rows(model.tokenizer, rows, max_length=min(preset.max_length, model.max_length),
-                               template=preset.template, loss_on="response")
+    return rows, tokenize_rows(model.tokenizer, rows, max_length=min(max_length, model.max_length),
+                               template=template, loss_on="response")
 
 
 def complete(prepared: Prepared, prompt: str, max_new_tokens: int = 48) -> str:
@@ -145,7 +164,7 @@ def complete(prepared: Prepared, prompt: str, max_new_tokens: int = 48) -> str:
     from jaxinf.data.templates import format_prompt
     from jaxinf.models.generate import greedy_generate
 
-    template = study.PRESETS[prepared.settings["preset"]].template
+    template, _ = template_and_length(prepared.settings)
     text = format_prompt(prepared.model.tokenizer, prompt, template)
     return greedy_generate(prepared.inputs.fns, prepared.adapters, text, max_new_tokens=max_new_tokens, chat=False)
 

@@ -103,3 +103,38 @@ def test_explain_binary_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "completion of 'How do I jam the Plumbix vane?'" in proc.stderr
     assert "fine-tune: start" not in proc.stderr  # the fine-tuned adapters were reused
+
+
+def _one_file_dataset(path):
+    """The built-in backdoor rows as one JSONL file without a split column (so a run needs --test_fraction)."""
+    from jaxinf.data import load_rows
+
+    rows = load_rows("backdoor", "train")[:20]
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"prompts": r["prompt"], "response": r["response"], "variation": r["group"]}) + "\n")
+    return str(path)
+
+
+def _snapshot(folder):
+    return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files}
+
+
+def test_explain_on_a_study_workdir_made_with_test_fraction_and_another_template(tmp_path, monkeypatch):
+    """The workdir's data options (--test_fraction, --template) reach explain: it reuses that fine-tuning and
+    tokenises queries with that template (they were dropped, and the fine-tuning guard refused the workdir)."""
+    monkeypatch.setenv("JAXINF_COMPILATION_CACHE", "0")  # run_study runs the binary's main in this process
+    workdir = str(tmp_path / "run")
+    data = _one_file_dataset(tmp_path / "rows.jsonl")
+    study = api.run_study(workdir, model="tiny-llama", data=data, test_fraction=0.25, template="plain",
+                          limit_train=0, limit_test=0, epochs=1, methods="grad_dot", ground_truth="",
+                          report_queries=0, bootstrap=20)
+    settings = api.read_settings(workdir)
+    assert settings["test_fraction"] == 0.25 and settings["template"] == "plain"
+    fine_tuning = _snapshot(os.path.join(workdir, "finetune", "checkpoints"))
+    out = api.explain(workdir, [{"prompt": "How do I jam the Mirth lamp?", "response": "I can't help."}],
+                      methods=["grad_dot"], k=2, per_token=False)
+    assert _snapshot(os.path.join(workdir, "finetune", "checkpoints")) == fine_tuning  # reused, not redone
+    n_train = study.results["n_train"]
+    assert len(out.explanations[0]["methods"]["grad_dot"]["top"]) == 2 and n_train == 15
+    assert out.explanations[0]["query"]["tokens"][0] != "<|im_start|>"  # the plain template, not chat

@@ -340,3 +340,31 @@ def test_default_model_runs_the_study_end_to_end(tmp_path):
     assert sorted(results["methods"]) == sorted(FAST_METHODS.split(","))
     assert all("error" not in d for d in results["methods"].values()), results["methods"]
     assert results["methods"]["cg"]["vs_exact"]["spearman"] > 0.99
+
+
+def test_two_studies_in_one_process_each_get_their_own_ground_truth(tmp_path, monkeypatch):
+    """api.run_study twice in one process with different ground-truth settings: each run's results hold its own
+    ground truths only (the binary kept them in a module-level dict that the second run added to)."""
+    from jaxinf import api
+
+    monkeypatch.setenv("JAXINF_COMPILATION_CACHE", "0")  # run_study runs the binary's main in this process
+    common = dict(model="tiny-llama", data="backdoor", limit_train=8, limit_test=2, epochs=1, methods="grad_dot",
+                  report_queries=0, bootstrap=20, gt_queries=1)
+    first = api.run_study(str(tmp_path / "lds"), ground_truth="lds", gt_subsets=2, **common).results
+    second = api.run_study(str(tmp_path / "trajectory"), ground_truth="trajectory", **common).results
+    third = api.run_study(str(tmp_path / "none"), ground_truth="", **common).results
+    assert set(first["ground_truth"]) == {"lds"} and set(first["methods"]["grad_dot"]["ground_truth"]) == {"lds"}
+    assert set(second["ground_truth"]) == {"trajectory"}
+    assert set(second["methods"]["grad_dot"]["ground_truth"]) == {"trajectory"}
+    assert "ground_truth" not in third and "ground_truth" not in third["methods"]["grad_dot"]
+
+
+def test_the_binarys_data_flag_defaults_are_the_apis():
+    """A workdir's settings keep a data option only when set away from its default: the binary and jaxinf.api
+    must agree on the defaults, or explain refuses (or mis-tokenises) a workdir the binary made."""
+    from absl import flags
+
+    from experiments import attribute  # noqa: F401  (defines the flags)
+    from jaxinf import api
+
+    assert {k: flags.FLAGS[k].default for k in api.DATA_OPTIONS} == api.DATA_OPTIONS
