@@ -8,42 +8,41 @@
     ex.explanations[0]["methods"]["exact"]["top"]   # rows with text, tokens and per-token scores
     ex.report                       # path of report.html
 
-`run_study` runs the study binary's own `main` in this process (same stages, same caches, same outputs);
-`explain` is what `experiments/explain.py` runs. Both resume from what the workdir already holds.
+`run_study` is `jaxinf.pipeline.run_study` (what `experiments/attribute.py` runs) with the binary's flag names
+as keywords; `explain` is what `experiments/explain.py` runs. Both resume from what the workdir already holds.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
-from jaxinf import attribution, recipes, report, study, training
-from jaxinf.models import LMFunctions, LoraConfig, load_model
+from jaxinf import attribution, pipeline, recipes, report, study
 from jaxinf.progress import log, stage
 
-SETTINGS = "attribute_config.json"
-# settings of a study workdir and their defaults (a key absent from an older attribute_config.json = its default)
-# the data options (which rows, which tokens) are kept only when set away from these defaults, as the binary does
-DATA_OPTIONS = {"test_data": None, "test_fraction": None, "prompt_column": "prompts", "response_column": "response",
-                "group_column": "variation", "template": None, "max_length": None}
-DEFAULT_SETTINGS = {"model": "smollm2-135m-instruct", "data": "backdoor", "preset": "quick", "seed": 0,
-                    "limit_train": None, "limit_test": None, "epochs": None, "loss_on": "response",
-                    "repsim_pooling": "prompt_end", "lissa_depth": None, "dtype": None, **DATA_OPTIONS}
+SETTINGS = pipeline.SETTINGS_FILE
+# the settings of a study workdir (attribute_config.json) and their defaults; a key absent from an older file = its
+# default. The data options (which rows, which tokens) are kept only when set away from these defaults.
+DATA_OPTIONS = dict(pipeline.DATA_OPTION_DEFAULTS)
+DEFAULT_SETTINGS = dict(pipeline.workdir_settings(pipeline.StudyConfig()), **DATA_OPTIONS)
 
 # how the methods run, not what they run on: may differ between calls on one workdir (None = the study's default)
 STUDY_OPTIONS = ("damping", "damping_scope", "curvature")
 
+Prepared = pipeline.Prepared
+StudyResult = pipeline.StudyResult
+cached_gradients = pipeline.cached_gradients
+load_results = pipeline.load_results
 
-def model_dtype(settings: dict):
-    """The study model's dtype: settings["dtype"] ("bfloat16"; None = float32, the study binary's --dtype)."""
-    return jnp.bfloat16 if settings.get("dtype") == "bfloat16" else jnp.float32
+
+def config_of(settings: dict) -> pipeline.StudyConfig:
+    """The StudyConfig of a workdir's flat settings (attribute_config.json keys, plus STUDY_OPTIONS)."""
+    return pipeline.config_from_flags({k: v for k, v in settings.items() if k in pipeline.FLAG_FIELDS})
 
 
 def data_options(settings: dict) -> dict:
@@ -51,91 +50,10 @@ def data_options(settings: dict) -> dict:
     return {k: settings[k] for k in DATA_OPTIONS if settings.get(k, DATA_OPTIONS[k]) != DATA_OPTIONS[k]}
 
 
-def template_and_length(settings: dict) -> tuple:
-    """(template, max_length) of a study: the settings' when set (--template / --max_length), else the preset's."""
-    preset = study.PRESETS[settings["preset"]]
-    return settings.get("template") or preset.template, settings.get("max_length") or preset.max_length
-
-
-def _limit(value, preset_value):
-    if value is None:
-        return preset_value
-    return None if value == 0 else value
-
-
-def cached_gradients(fns, adapters, tokenized, path: str, chunk: int, *, desc: str = "gradients", mesh=None):
-    """Per-example gradients as a stacked pytree, cached in `path` (.npz of flat rows [N, D]); `mesh`: see
-    `jaxinf.sharding` (chunks split over its data axis)."""
-    if os.path.exists(path):
-        flat = np.load(path)["grads"]
-    else:
-        flat = np.asarray(attribution.per_example_gradients(fns, adapters, tokenized, chunk_size=chunk,
-                                                            progress=desc, mesh=mesh))
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, grads=flat)
-        os.replace(tmp, path)
-    return attribution.unflatten_rows(flat, adapters, stacked=False)
-
-
-@dataclasses.dataclass
-class Prepared:
-    """A fine-tuned study workdir loaded back: model, task, adapters, log, and the methods' shared inputs."""
-
-    settings: dict
-    model: Any
-    task: Any  # recipes.Task
-    adapters: Any
-    log: list
-    inputs: study.StudyInputs
-    steps: int
-    epochs: float
-    batch_size: int
-
-
-def prepare(settings: dict, workdir: str, *, test_gradients: bool = True, model=None) -> Prepared:
-    """Model, task, LoRA fine-tuning (cached in workdir/finetune), gradients (cached) and `StudyInputs`.
-
-    `settings`: the study's settings (keys of DEFAULT_SETTINGS). `test_gradients=False` leaves
-    `inputs.test_grads` None (the caller brings its own queries). `model`: an already loaded model.
-    """
-    settings = dict(DEFAULT_SETTINGS, **settings)
-    preset = study.PRESETS[settings["preset"]]
-    model = model or load_model(settings["model"], seed=settings["seed"], dtype=model_dtype(settings))
-    template, max_length = template_and_length(settings)
-    task = recipes.load_task(model, recipes.TaskConfig(
-        source=settings["data"], template=template, max_length=max_length, loss_on=settings["loss_on"],
-        limit_train=_limit(settings["limit_train"], preset.limit_train),
-        limit_test=_limit(settings["limit_test"], preset.limit_test), seed=settings["seed"],
-        prompt_column=settings["prompt_column"], response_column=settings["response_column"],
-        group_column=settings["group_column"], test_data=settings["test_data"],
-        test_fraction=settings["test_fraction"]))
-    harmful = "harmful" in set(task.train.groups.tolist())
-    epochs = settings["epochs"] or (preset.epochs_harmful if harmful and preset.epochs_harmful else preset.epochs)
-    lora = LoraConfig(dropout=preset.lora_dropout)
-    n_train = len(task.train_rows)
-    batch_size = min(preset.batch_size, n_train)  # steps count the batches actually drawn
-    steps = max(1, int(np.ceil(epochs * n_train / batch_size)))
-    train_config = training.TrainConfig(
-        steps=steps, batch_size=batch_size, lr=preset.lr,
-        checkpoint_every=max(1, steps // preset.tracin_checkpoints), seed=settings["seed"])
-    ft_dir = os.path.join(workdir, "finetune")
-    adapters, train_log = recipes.finetune_lora(
-        model, lora, task, train_config, ft_dir,
-        run_config={"data": settings["data"], "preset": settings["preset"], "loss_on": settings["loss_on"],
-                    **data_options(settings)})
-    fns = LMFunctions(model, lora)
-    grads_train = cached_gradients(fns, adapters, task.train, os.path.join(workdir, "grads_train.npz"),
-                                   preset.grad_chunk, desc="gradients (train)")
-    grads_test = None
-    if test_gradients:
-        grads_test = cached_gradients(fns, adapters, task.test, os.path.join(workdir, "grads_test.npz"),
-                                      preset.grad_chunk, desc="gradients (test)")
-    options = {k: settings[k] for k in STUDY_OPTIONS if settings.get(k) is not None}
-    inputs = study.StudyInputs(fns=fns, adapters=adapters, train=task.train, test=task.test, workdir=ft_dir,
-                               preset=preset, train_grads=grads_train, test_grads=grads_test, seed=settings["seed"],
-                               lissa_depth=settings["lissa_depth"], repsim_pooling=settings["repsim_pooling"],
-                               **options)
-    return Prepared(settings, model, task, adapters, train_log, inputs, steps, epochs, batch_size)
+def prepare(settings: dict, workdir: str, *, test_gradients: bool = True, model=None) -> pipeline.Prepared:
+    """`jaxinf.pipeline.prepare` for a workdir's flat settings (keys of DEFAULT_SETTINGS and STUDY_OPTIONS)."""
+    return pipeline.prepare(config_of(dict(DEFAULT_SETTINGS, **settings)), workdir,
+                            test_gradients=test_gradients, model=model)
 
 
 def read_settings(workdir: str) -> dict:
@@ -153,19 +71,19 @@ def tokenize_queries(model, queries: Sequence[dict], settings: dict):
     """Query rows ({"prompt", "response"[, "group"]}) tokenised like the study's rows (template, length, mask)."""
     from jaxinf.data import tokenize_rows
 
-    template, max_length = template_and_length(dict(DEFAULT_SETTINGS, **settings))
+    task = pipeline.task_config(config_of(dict(DEFAULT_SETTINGS, **settings)))
+    template, max_length = task.template, task.max_length
     rows = [{"prompt": q["prompt"], "response": q["response"], "group": q.get("group", "query")} for q in queries]
     return rows, tokenize_rows(model.tokenizer, rows, max_length=min(max_length, model.max_length),
                                template=template, loss_on="response")
 
 
-def complete(prepared: Prepared, prompt: str, max_new_tokens: int = 48) -> str:
+def complete(prepared: pipeline.Prepared, prompt: str, max_new_tokens: int = 48) -> str:
     """The fine-tuned model's greedy completion of `prompt` under the study's template."""
     from jaxinf.data.templates import format_prompt
     from jaxinf.models.generate import greedy_generate
 
-    template, _ = template_and_length(prepared.settings)
-    text = format_prompt(prepared.model.tokenizer, prompt, template)
+    text = format_prompt(prepared.model.tokenizer, prompt, pipeline.task_config(prepared.config).template)
     return greedy_generate(prepared.inputs.fns, prepared.adapters, text, max_new_tokens=max_new_tokens, chat=False)
 
 
@@ -204,7 +122,7 @@ def explain(workdir: str, queries: Sequence[dict], *, methods: Sequence[str] = (
     if not os.path.exists(os.path.join(workdir, SETTINGS)):
         recipes.write_json(os.path.join(workdir, SETTINGS), settings)
     with stage("load model and data"):
-        model = load_model(settings["model"], seed=settings["seed"], dtype=model_dtype(settings))
+        model = pipeline.load_study_model(config_of(settings))
     queries = [dict(q) for q in queries]
     unknown = set(options) - set(STUDY_OPTIONS)
     if unknown:
@@ -238,54 +156,8 @@ def explain(workdir: str, queries: Sequence[dict], *, methods: Sequence[str] = (
 
 
 # ----------------------------------------------------------------------------------------------- study
-@dataclasses.dataclass
-class StudyResults:
-    """A study workdir's outputs: results.json as `results`, results.csv as `table`, top rows, file paths."""
-
-    workdir: str
-    results: dict
-    table: list
-    plots: list
-    report: Optional[str]
-
-    @property
-    def top_rows(self) -> dict:
-        """{method: [per test row {"top": [...], "bottom": [...]}]} (rows as {index, group, score})."""
-        return {m: d["top_rows"] for m, d in self.results.get("methods", {}).items() if "top_rows" in d}
-
-
-def load_results(workdir: str) -> StudyResults:
-    """The outputs of a finished study run in `workdir`."""
-    with open(os.path.join(workdir, "results.json")) as f:
-        results = json.load(f)
-    table = []
-    if os.path.exists(os.path.join(workdir, "results.csv")):
-        with open(os.path.join(workdir, "results.csv")) as f:
-            table = list(csv.DictReader(f))
-    plots = [os.path.join(workdir, p) for p in sorted(os.listdir(workdir)) if p.endswith(".png")]
-    rep = os.path.join(workdir, "report.html")
-    return StudyResults(workdir, results, table, plots, rep if os.path.exists(rep) else None)
-
-
-def run_study(workdir: str = "runs/attribute", **flags) -> StudyResults:
-    """Run the study binary (`experiments.attribute`) in this process with these flags; return its outputs.
-
-    Flags are the binary's (`python -m experiments.attribute --helpfull`), e.g. model="tiny-llama",
-    methods="grad_dot,exact", limit_train=24. The workdir's caches make a second call return at once.
-    """
-    from absl import flags as absl_flags
-
-    from experiments import attribute
-
-    fl = absl_flags.FLAGS
-    argv = ["attribute", f"--workdir={workdir}"]
-    for name, value in flags.items():
-        if name not in fl:
-            raise ValueError(f"unknown study flag {name!r}; see python -m experiments.attribute --helpfull")
-        if isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
-        argv.append(f"--{name}={value}")
-    fl.unparse_flags()
-    fl(argv)
-    attribute.main([])
-    return load_results(workdir)
+def run_study(workdir: str = "runs/attribute", **settings) -> pipeline.StudyResult:
+    """`jaxinf.pipeline.run_study` with the study binary's flag names as keywords (`pipeline.FLAG_FIELDS`), e.g.
+    model="tiny-llama", methods="grad_dot,exact", limit_train=24. The workdir's caches make a second call return
+    at once. The result's table holds numbers."""
+    return pipeline.run_study(pipeline.config_from_flags(settings).validate(), workdir)

@@ -133,3 +133,82 @@ def load_task(model, config: recipes.TaskConfig) -> recipes.Task:
         task = recipes.load_task(model, config)
     print(task.split_info["description"], flush=True)  # binaries log at WARNING: print so this line shows
     return task
+
+
+# ------------------------------------------------------------------------------------------- the study's flags
+def define_study_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The study binary's flags (`jaxinf.pipeline.FLAG_FIELDS`), defaults from `jaxinf.pipeline.StudyConfig`."""
+    from jaxinf import study
+    from jaxinf.groundtruth.study import KINDS
+    from jaxinf.pipeline import StudyConfig
+    from jaxinf.attribution import POOLINGS
+
+    c, fv = StudyConfig(), dict(flag_values=flag_values)
+    gt, rep = c.ground_truth, c.report
+    flags.DEFINE_string("model", c.model, "smollm2-135m-instruct | tiny-llama | tiny-mistral | tiny-gpt2 | local "
+                        "HF dir", **fv)
+    flags.DEFINE_list("methods", list(c.methods), f"comma list from {list(study.ALL_METHODS)}", **fv)
+    flags.DEFINE_enum("preset", c.preset, list(study.PRESETS), "quick: 2-core CPU sizes; paper: the study's "
+                      "settings", **fv)
+    flags.DEFINE_integer("seed", c.seed, "seed for subsampling, data order, adapter init and solvers", **fv)
+    flags.DEFINE_float("epochs", c.epochs, "override the preset's fine-tuning epochs", **fv)
+    flags.DEFINE_enum("repsim_pooling", c.repsim_pooling, list(POOLINGS),
+                      "RepSim representation: hidden state at the final prompt token (the study) or response mean",
+                      **fv)
+    flags.DEFINE_integer("lissa_depth", c.lissa_depth, "LiSSA iterations (the study's code ran 3-10; default: the "
+                         "preset's)", **fv)
+    flags.DEFINE_list("damping", None, "relative damping f (comma list = a sweep in one run, reusing fine-tuning, "
+                      "gradients and factors; one result set per value): lambda = f x tr(C)/dim of the curvature "
+                      "being inverted (global scope) or of each LoRA matrix (block scope). Default: the preset's",
+                      **fv)
+    flags.DEFINE_enum("damping_scope", c.damping_scope, list(study.DAMPING_SCOPES),
+                      "global: one absolute lambda for every method, from the whole operator; block: the study's "
+                      "rule, lambda per LoRA matrix = f x its mean squared gradient entry (a diagonal damping for "
+                      "every method)", **fv)
+    flags.DEFINE_enum("curvature", c.curvature, list(study.CURVATURES),
+                      "fisher: empirical Fisher of the cached gradients; ggn | hessian: the model's exact operators "
+                      "over the training rows for exact, cg, lissa, lanczos, arnoldi (the other methods report what "
+                      "they used)", **fv)
+    flags.DEFINE_string("mesh", c.mesh, "device mesh for the heavy stages, e.g. data=8 or data=2,model=4 "
+                        "(jaxinf.sharding): rows split over data, frozen base weights FSDP-sharded over model; the "
+                        "axis sizes must multiply to the device count; the same numbers as one device", **fv)
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "base weights and activations (default float32); "
+                      "LoRA adapters, their updates, gradients, K-FAC factors and scores stay float32", **fv)
+    flags.DEFINE_list("ground_truth", list(gt.kinds), f"counterfactual ground truths from {list(KINDS)} (empty: "
+                      "none); every method's agreement with each (LDS; mean per-query Spearman for the others) goes "
+                      "into results and gt_agreement.png", **fv)
+    flags.DEFINE_integer("gt_queries", gt.queries, "test rows (spread evenly) for trajectory / loo / pbrf (0 = all); "
+                         "LDS uses all (the quick default keeps README command 1's cost down on 2 CPU cores; use 4 "
+                         "or more)", **fv)
+    flags.DEFINE_integer("gt_subsets", gt.subsets, "LDS: retrained random subsets (the quick default: a coarse LDS, "
+                         "each subset costs one fine-tuning run; use 50-100)", **fv)
+    flags.DEFINE_float("gt_fraction", gt.fraction, "LDS: fraction of the training rows each subset keeps", **fv)
+    flags.DEFINE_integer("gt_loo_rows", gt.loo_rows, "leave-one-out: training rows (spread evenly; 0 = all) "
+                         "retrained without", **fv)
+    flags.DEFINE_integer("gt_pbrf_rows", gt.pbrf_rows, "PBRF: training rows (spread evenly; 0 = all)", **fv)
+    flags.DEFINE_float("gt_pbrf_eps", gt.pbrf_eps, "PBRF: up-weighting eps of the row", **fv)
+    flags.DEFINE_float("gt_pbrf_damping", gt.pbrf_damping, "PBRF: proximity lambda as a fraction of the empirical "
+                       "Fisher's mean eigenvalue (mean ||g_n||^2 / D)", **fv)
+    flags.DEFINE_integer("gt_pbrf_iters", gt.pbrf_iters, "PBRF: L-BFGS iterations", **fv)
+    flags.DEFINE_integer("gt_chunk", gt.chunk, "retrains (LOO / LDS subsets) vmapped at once", **fv)
+    flags.DEFINE_integer("bootstrap", rep.bootstrap, "bootstrap resamples over test rows for the confidence "
+                         "intervals", **fv)
+    define_data_flags(flag_values)  # --data, --test_data/--test_fraction, columns, --template/--max_length/--limit_*
+    flags.DEFINE_integer("top_k", rep.top_k, "per method and test row, the top-k and bottom-k training rows kept in "
+                         "results.json", **fv)
+    flags.DEFINE_integer("report_queries", rep.queries, "test rows per group explained in report.html (0 = no "
+                         "report)", **fv)
+    flags.DEFINE_integer("report_k", rep.k, "training rows per method shown in report.html (top and bottom each)",
+                         **fv)
+    flags.DEFINE_list("report_methods", list(rep.methods), "methods shown side by side in report.html (those of "
+                      "--methods that ran)", **fv)
+
+
+def study_config_from_flags(flag_values: flags.FlagValues = flags.FLAGS):
+    """The StudyConfig the study flags describe; a bad value is one UsageError line naming the flag."""
+    from jaxinf import pipeline
+
+    values = {name: flag_values[name].value for name in pipeline.FLAG_FIELDS if name in flag_values}
+    values["ground_truth"] = [k for k in (values.get("ground_truth") or []) if k]  # --ground_truth= : none
+    with user_errors():
+        return pipeline.config_from_flags(values).validate()

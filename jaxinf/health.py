@@ -69,11 +69,11 @@ def report(workdir: str, log: list[dict], init_norm: Optional[float] = None) -> 
     import json
     import os
 
-    from absl import logging
+    from jaxinf.progress import warn
 
     summary = summarize(log, init_norm)
     for message in summary["warnings"]:
-        logging.warning("training health (%s): %s", workdir, message)
+        warn(f"training health ({workdir}): {message}")
     tmp = os.path.join(workdir, "health.json.tmp")
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=1)

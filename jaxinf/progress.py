@@ -38,6 +38,11 @@ def log(message: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
+def warn(message: str) -> None:
+    """One timestamped warning line on stderr, shown even when JAXINF_PROGRESS=0 silences the stages."""
+    print(f"{time.strftime('%H:%M:%S')} WARNING: {message}", file=sys.stderr, flush=True)
+
+
 def _seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 

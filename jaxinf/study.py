@@ -574,3 +574,11 @@ def damping_report(inputs: StudyInputs) -> dict:
     if inputs.curvature == "hessian":
         out["negative_policy"] = NEGATIVE_POLICY
     return out
+
+
+def __getattr__(name):  # the study as a library call lives in jaxinf.pipeline (which imports this module)
+    if name in ("run_study", "StudyConfig", "StudyResult", "load_results", "prepare"):
+        from jaxinf import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

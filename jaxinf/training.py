@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import logging
-from jaxinf.progress import Stage
+from jaxinf.progress import Stage, warn
+from jaxinf.progress import log as progress_log
 
 from jaxinf import sharding
 from jaxinf import health
@@ -294,7 +294,7 @@ def train(
         else:
             target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
             state = mngr.restore(start, args=ocp.args.StandardRestore(target))
-            logging.info("resumed from step %d of %s", start, workdir)
+            progress_log(f"resumed from step {start} of {workdir}")
         log = _read_log(log_path, start)
         _write_log(log_path, log)
         end = total if stop_after is None else min(total, stop_after)
@@ -325,7 +325,7 @@ def train(
                     if step % config.checkpoint_every == 0 or step == end:
                         mngr.save(step, args=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}))
         except KeyboardInterrupt:
-            logging.warning("interrupted at step %d: saving a checkpoint to resume from", step)
+            warn(f"interrupted at step {step}: saving a checkpoint to resume from")
             if step not in mngr.all_steps():
                 mngr.save(step, args=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}))
             raise

@@ -120,10 +120,9 @@ def _snapshot(folder):
     return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files}
 
 
-def test_explain_on_a_study_workdir_made_with_test_fraction_and_another_template(tmp_path, monkeypatch):
+def test_explain_on_a_study_workdir_made_with_test_fraction_and_another_template(tmp_path):
     """The workdir's data options (--test_fraction, --template) reach explain: it reuses that fine-tuning and
     tokenises queries with that template (they were dropped, and the fine-tuning guard refused the workdir)."""
-    monkeypatch.setenv("JAXINF_COMPILATION_CACHE", "0")  # run_study runs the binary's main in this process
     workdir = str(tmp_path / "run")
     data = _one_file_dataset(tmp_path / "rows.jsonl")
     study = api.run_study(workdir, model="tiny-llama", data=data, test_fraction=0.25, template="plain",

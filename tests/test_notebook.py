@@ -8,7 +8,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quickstart_notebook_runs(monkeypatch):
     monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("JAXINF_COMPILATION_CACHE", "0")  # run_study runs the binary's main in this process
     with open(os.path.join(ROOT, "experiments", "quickstart.ipynb")) as f:
         cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
     namespace = {}

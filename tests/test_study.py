@@ -342,12 +342,11 @@ def test_default_model_runs_the_study_end_to_end(tmp_path):
     assert results["methods"]["cg"]["vs_exact"]["spearman"] > 0.99
 
 
-def test_two_studies_in_one_process_each_get_their_own_ground_truth(tmp_path, monkeypatch):
+def test_two_studies_in_one_process_each_get_their_own_ground_truth(tmp_path):
     """api.run_study twice in one process with different ground-truth settings: each run's results hold its own
     ground truths only (the binary kept them in a module-level dict that the second run added to)."""
     from jaxinf import api
 
-    monkeypatch.setenv("JAXINF_COMPILATION_CACHE", "0")  # run_study runs the binary's main in this process
     common = dict(model="tiny-llama", data="backdoor", limit_train=8, limit_test=2, epochs=1, methods="grad_dot",
                   report_queries=0, bootstrap=20, gt_queries=1)
     first = api.run_study(str(tmp_path / "lds"), ground_truth="lds", gt_subsets=2, **common).results
@@ -357,6 +356,30 @@ def test_two_studies_in_one_process_each_get_their_own_ground_truth(tmp_path, mo
     assert set(second["ground_truth"]) == {"trajectory"}
     assert set(second["methods"]["grad_dot"]["ground_truth"]) == {"trajectory"}
     assert "ground_truth" not in third and "ground_truth" not in third["methods"]["grad_dot"]
+    loaded = api.load_results(str(tmp_path / "lds"))  # results.csv parsed back as numbers, as run_study made it
+    assert json.dumps(loaded.results) == json.dumps(first) and isinstance(loaded.table[0]["acc"], float)
+    assert isinstance(loaded.table[0]["converged"], bool) and loaded.table[0]["method"] == "grad_dot"
+
+
+def test_study_config_round_trips_and_refuses_bad_settings():
+    """StudyConfig <-> dict, flag names -> config, and one-line errors that name the field."""
+    from jaxinf import pipeline
+
+    config = pipeline.config_from_flags({"model": "tiny-llama", "methods": "grad_dot,exact", "damping": "0.1,1",
+                                         "ground_truth": "", "test_fraction": 0.25, "gt_subsets": 8})
+    assert config.methods == ("grad_dot", "exact") and config.damping == (0.1, 1.0)
+    assert config.ground_truth.kinds == () and config.ground_truth.subsets == 8 and config.data.test_fraction == 0.25
+    assert pipeline.StudyConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"StudyConfig.data: unknown fields \['sourse'\]"):
+        pipeline.StudyConfig.from_dict({"data": {"sourse": "x"}})
+    with pytest.raises(ValueError, match="unknown study settings"):
+        pipeline.config_from_flags({"lr": 0.1})
+    with pytest.raises(ValueError, match=r"unknown methods \['exakt'\]"):
+        pipeline.config_from_flags({"methods": "exakt"}).validate()
+    with pytest.raises(ValueError, match="damping=0.1,0.1: values must be >= 0 and distinct"):
+        pipeline.config_from_flags({"damping": "0.1,0.1"}).validate()
+    with pytest.raises(ValueError, match="test_fraction=1.5 must lie strictly between 0 and 1"):
+        pipeline.config_from_flags({"test_fraction": 1.5}).validate()
 
 
 def test_the_binarys_data_flag_defaults_are_the_apis():

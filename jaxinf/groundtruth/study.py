@@ -186,31 +186,3 @@ def summary(truths: dict) -> dict:
             d["max_grad_norm"] = float(np.max(t["grad_norm"])) if t["grad_norm"].size else 0.0
         out[kind] = d
     return json.loads(json.dumps(out))
-
-
-def plot_agreement(rows: list, kinds: list, path: str, title: str) -> None:
-    """One panel per ground truth: each method's agreement (LDS, or mean per-query Spearman) with its bootstrap
-    interval. `rows`: dicts with "method", f"gt_{kind}", f"gt_{kind}_lo", f"gt_{kind}_hi"."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds) + 1, 0.28 * len(rows) + 1.6), sharey=True,
-                             squeeze=False)
-    names = [r["method"] for r in rows]
-    for ax, kind in zip(axes[0], kinds):
-        vals = np.array([r.get(f"gt_{kind}", np.nan) for r in rows], float)
-        lo = np.nan_to_num(vals - np.array([r.get(f"gt_{kind}_lo", np.nan) for r in rows], float))
-        hi = np.nan_to_num(np.array([r.get(f"gt_{kind}_hi", np.nan) for r in rows], float) - vals)
-        ax.barh(names, np.nan_to_num(vals), xerr=[np.clip(lo, 0, None), np.clip(hi, 0, None)],
-                color="tab:green", alpha=0.8)
-        ax.axvline(0.0, color="k", lw=0.8)
-        ax.set_xlim(-1, 1)
-        ax.set_title("LDS" if kind == "lds" else f"Spearman vs {kind}")
-        ax.grid(axis="x", alpha=0.3)
-    axes[0][0].invert_yaxis()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,0 +1,595 @@
+"""The study as a library call: ``run_study(StudyConfig(...), workdir) -> StudyResult``.
+
+    from jaxinf.pipeline import StudyConfig, DataConfig, run_study, load_results
+    result = run_study(StudyConfig(model="tiny-llama", methods=("grad_dot", "exact")), "runs/tiny")
+    result.table            # one dict of numbers per method (results.csv)
+    result.results          # results.json, as a dict
+
+Stages, each cached in the workdir so an interrupted run resumes (`prepare`): the LoRA fine-tuning
+(finetune/), per-example gradients (grads_train.npz, grads_test.npz), the ground truths (groundtruth/), one score
+matrix per method (scores/), then per damping value results.json, results.csv, metrics.png, ground_truth.json,
+gt_agreement.png and report.html. The workdir's attribute_config.json records the settings its caches were made
+with; a run with other settings is refused with one line naming them.
+
+One curvature and one damping per result set: lambda is resolved once (relative f: global scope lambda =
+f tr(C)/D of the whole curvature inverted; block scope lambda_l = f x the mean squared gradient entry of each
+LoRA matrix) and every damped method uses that absolute value. Several damping values make one result set each
+(in workdir/damping_<f>/), sharing fine-tuning, gradients and K-FAC factors. This module prints nothing; stages
+report through `jaxinf.progress`, and `jaxinf.report.tables` formats the result for a terminal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf import attribution, health, recipes, report, sharding, study, training
+from jaxinf.evaluation import evaluate
+from jaxinf.groundtruth import study as gt_study
+from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
+from jaxinf.progress import Stage, log
+from jaxinf.report import tables
+
+SETTINGS_FILE = "attribute_config.json"
+
+
+# ----------------------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which rows and tokens: `source` a study folder, a .jsonl/.json/.csv file or a generator name. template,
+    max_length, limit_train, limit_test: None = the preset's (a limit of 0 = all rows)."""
+
+    source: str = "backdoor"
+    test_data: Optional[str] = None
+    test_fraction: Optional[float] = None
+    allow_overlap: bool = False
+    prompt_column: str = "prompts"
+    response_column: str = "response"
+    group_column: str = "variation"
+    template: Optional[str] = None
+    max_length: Optional[int] = None
+    loss_on: str = "response"
+    limit_train: Optional[int] = None
+    limit_test: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundTruthSettings:
+    """Counterfactual ground truths (`jaxinf.groundtruth.study`): kinds, and their sizes. queries: test rows for
+    trajectory / LOO / PBRF (0 = all); subsets, fraction: LDS retrains; loo_rows, pbrf_rows: 0 = all;
+    pbrf_damping: relative to the empirical Fisher's mean eigenvalue; chunk: retrains vmapped at once."""
+
+    kinds: tuple = ("trajectory", "lds")
+    queries: int = 1
+    subsets: int = 4
+    fraction: float = 0.5
+    loo_rows: int = 8
+    pbrf_rows: int = 8
+    pbrf_eps: float = 1e-2
+    pbrf_damping: float = 0.1
+    pbrf_iters: int = 50
+    chunk: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """What the result keeps and shows: top_k rows per method and test row in results.json; report.html with
+    `queries` test rows per group (0 = none), `k` rows per method, for `methods`; bootstrap resamples."""
+
+    top_k: int = 10
+    queries: int = 1
+    k: int = 3
+    methods: tuple = ("grad_dot", "tracin", "exact", "ekfac", "repsim")
+    bootstrap: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """One study run. damping: relative values f (empty = the preset's; several = a sweep in one run)."""
+
+    model: str = DEFAULT_MODEL
+    data: DataConfig = DataConfig()
+    preset: str = "quick"
+    seed: int = 0
+    epochs: Optional[float] = None
+    dtype: str = "float32"
+    methods: tuple = study.ALL_METHODS
+    lissa_depth: Optional[int] = None
+    repsim_pooling: str = "prompt_end"
+    damping: tuple = ()
+    damping_scope: str = "global"
+    curvature: str = "fisher"
+    mesh: Optional[str] = None
+    ground_truth: GroundTruthSettings = GroundTruthSettings()
+    report: ReportConfig = ReportConfig()
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudyConfig":
+        return _from_dict(cls, d, "StudyConfig")
+
+    def validate(self) -> "StudyConfig":
+        """Raise ValueError (one line: the field and the fix) for a setting no stage could run; returns self."""
+        if self.preset not in study.PRESETS:
+            raise ValueError(f"preset={self.preset!r}: choose from {list(study.PRESETS)}")
+        unknown = [m for m in self.methods if m not in study.METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(study.METHODS)}")
+        if any(not v >= 0 for v in self.damping) or len(set(self.damping)) != len(self.damping):
+            raise ValueError(f"damping={','.join(map(str, self.damping))}: values must be >= 0 and distinct")
+        if self.damping_scope not in study.DAMPING_SCOPES:
+            raise ValueError(f"damping_scope={self.damping_scope!r}: choose from {list(study.DAMPING_SCOPES)}")
+        if self.curvature not in study.CURVATURES:
+            raise ValueError(f"curvature={self.curvature!r}: choose from {list(study.CURVATURES)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r}: choose float32 or bfloat16")
+        unknown = [k for k in self.ground_truth.kinds if k not in gt_study.KINDS]
+        if unknown:
+            raise ValueError(f"ground_truth: unknown {unknown}; choose from {list(gt_study.KINDS)}")
+        d = self.data
+        if d.test_fraction is not None and not 0.0 < d.test_fraction < 1.0:
+            raise ValueError(f"test_fraction={d.test_fraction} must lie strictly between 0 and 1 (e.g. 0.2)")
+        if d.max_length is not None and d.max_length < 2:
+            raise ValueError(f"max_length={d.max_length} must be at least 2 tokens")
+        for name in ("limit_train", "limit_test"):
+            if getattr(d, name) is not None and getattr(d, name) < 0:
+                raise ValueError(f"{name}={getattr(d, name)} must be >= 0 (0 = all rows)")
+        sharding.parse_mesh(self.mesh)
+        return self
+
+
+def _from_dict(cls, d: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
+    out = {}
+    for name, value in d.items():
+        default = getattr(cls(), name) if name in fields else None
+        if dataclasses.is_dataclass(default):
+            value = _from_dict(type(default), value, f"{where}.{name}")
+        elif isinstance(default, tuple):
+            value = tuple(value)
+        out[name] = value
+    return cls(**out)
+
+
+# The study binary's flags (and `jaxinf.api.run_study`'s keywords) as config fields: one table for both.
+FLAG_FIELDS = {
+    "model": ("model",), "preset": ("preset",), "seed": ("seed",), "epochs": ("epochs",), "dtype": ("dtype",),
+    "methods": ("methods",), "lissa_depth": ("lissa_depth",), "repsim_pooling": ("repsim_pooling",),
+    "damping": ("damping",), "damping_scope": ("damping_scope",), "curvature": ("curvature",), "mesh": ("mesh",),
+    "data": ("data", "source"), **{k: ("data", k) for k in (
+        "test_data", "test_fraction", "allow_overlap", "prompt_column", "response_column", "group_column",
+        "template", "max_length", "loss_on", "limit_train", "limit_test")},
+    "ground_truth": ("ground_truth", "kinds"), "gt_queries": ("ground_truth", "queries"),
+    "gt_subsets": ("ground_truth", "subsets"), "gt_fraction": ("ground_truth", "fraction"),
+    "gt_loo_rows": ("ground_truth", "loo_rows"), "gt_pbrf_rows": ("ground_truth", "pbrf_rows"),
+    "gt_pbrf_eps": ("ground_truth", "pbrf_eps"), "gt_pbrf_damping": ("ground_truth", "pbrf_damping"),
+    "gt_pbrf_iters": ("ground_truth", "pbrf_iters"), "gt_chunk": ("ground_truth", "chunk"),
+    "top_k": ("report", "top_k"), "report_queries": ("report", "queries"), "report_k": ("report", "k"),
+    "report_methods": ("report", "methods"), "bootstrap": ("report", "bootstrap"),
+}
+
+
+def _as_tuple(value) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v for v in value.split(",") if v)
+    if isinstance(value, (int, float)):
+        return (value,)
+    return tuple(value)
+
+
+def config_from_flags(values: dict) -> StudyConfig:
+    """A StudyConfig from flag-named values (`FLAG_FIELDS`; None = the field's default). Lists may be given as
+    comma strings ("grad_dot,exact"); damping values are parsed as floats."""
+    unknown = set(values) - set(FLAG_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown study settings {sorted(unknown)}; known: {sorted(FLAG_FIELDS)}")
+    nested: dict = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        path = FLAG_FIELDS[name]
+        if name in ("methods", "ground_truth", "report_methods"):
+            value = _as_tuple(value)
+        elif name == "damping":
+            try:
+                value = tuple(float(v) for v in _as_tuple(value))
+            except ValueError:
+                raise ValueError(f"damping={value}: every entry must be a number, e.g. damping=0.01,0.1") from None
+        target = nested
+        for key in path[:-1]:
+            target = target.setdefault(key, {})
+        target[path[-1]] = value
+    return StudyConfig.from_dict(nested)
+
+
+def workdir_settings(config: StudyConfig) -> dict:
+    """The settings that key a workdir's fine-tuning, gradients and unkeyed score caches (attribute_config.json).
+    Data options and the dtype appear only away from their defaults, so older workdirs resume; damping, scope and
+    curvature key the score caches instead."""
+    d = config.data
+    settings = {"model": config.model, "data": d.source, "preset": config.preset, "seed": config.seed,
+                "limit_train": d.limit_train, "limit_test": d.limit_test, "epochs": config.epochs,
+                "loss_on": d.loss_on, "repsim_pooling": config.repsim_pooling, "lissa_depth": config.lissa_depth}
+    settings.update(data_options(config))
+    settings["dtype"] = None if config.dtype == "float32" else config.dtype
+    return settings
+
+
+DATA_OPTION_DEFAULTS = {k: getattr(DataConfig(), k) for k in (
+    "test_data", "test_fraction", "prompt_column", "response_column", "group_column", "template", "max_length")}
+
+
+def data_options(config: StudyConfig) -> dict:
+    """The data options that differ from their defaults (what guards a fine-tuning's workdir)."""
+    return {k: getattr(config.data, k) for k, v in DATA_OPTION_DEFAULTS.items() if getattr(config.data, k) != v}
+
+
+def check_workdir(workdir: str, settings: dict) -> None:
+    """Cached stages are only valid for the settings that made them: refuse a mismatch, else record them."""
+    path = os.path.join(workdir, SETTINGS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if changed:  # a setting added since (absent = its default, None) is no change
+            raise ValueError(f"{workdir} holds results made with other settings {changed} (old, new): "
+                             "use a new workdir")
+    else:
+        recipes.write_json(path, settings)
+
+
+# ---------------------------------------------------------------------------------------------------- prepare
+@dataclasses.dataclass
+class Prepared:
+    """A fine-tuned study workdir: model, task, adapters, training log and schedule, the methods' shared inputs."""
+
+    config: StudyConfig
+    model: Any
+    task: Any  # recipes.Task
+    adapters: Any
+    log: list
+    inputs: study.StudyInputs
+    train_config: training.TrainConfig
+    epochs: float
+    mesh: Any = None
+
+    @property
+    def steps(self) -> int:
+        return self.train_config.steps
+
+    @property
+    def batch_size(self) -> int:
+        return self.train_config.batch_size
+
+
+def _limit(value, preset_value):
+    if value is None:
+        return preset_value
+    return None if value == 0 else value
+
+
+def task_config(config: StudyConfig) -> recipes.TaskConfig:
+    """The rows and tokens of a study: the data config with the preset's template, length and limits filled in."""
+    preset, d = study.PRESETS[config.preset], config.data
+    return recipes.TaskConfig(
+        source=d.source, template=d.template or preset.template, max_length=d.max_length or preset.max_length,
+        loss_on=d.loss_on, limit_train=_limit(d.limit_train, preset.limit_train),
+        limit_test=_limit(d.limit_test, preset.limit_test), seed=config.seed, prompt_column=d.prompt_column,
+        response_column=d.response_column, group_column=d.group_column, test_data=d.test_data,
+        test_fraction=d.test_fraction, allow_overlap=d.allow_overlap)
+
+
+def load_study_model(config: StudyConfig, mesh=None):
+    """The study's model in its dtype; with a mesh, its frozen weights FSDP-sharded once."""
+    model = load_model(config.model, seed=config.seed,
+                       dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)
+    if mesh is not None:
+        model = dataclasses.replace(model, params=sharding.shard_params(model.params, mesh))
+    return model
+
+
+def cached_gradients(fns, adapters, tokenized, path: str, chunk: int, *, desc: str = "gradients", mesh=None):
+    """Per-example gradients as a stacked pytree, cached in `path` (.npz of flat rows [N, D]); `mesh`: see
+    `jaxinf.sharding` (chunks split over its data axis)."""
+    if os.path.exists(path):
+        flat = np.load(path)["grads"]
+    else:
+        flat = np.asarray(attribution.per_example_gradients(fns, adapters, tokenized, chunk_size=chunk,
+                                                            progress=desc, mesh=mesh))
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, grads=flat)
+        os.replace(tmp, path)
+    return attribution.unflatten_rows(flat, adapters, stacked=False)
+
+
+def prepare(config: StudyConfig, workdir: str, *, test_gradients: bool = True, model=None) -> Prepared:
+    """Model, task, LoRA fine-tuning (cached in workdir/finetune), gradients (cached) and `StudyInputs`.
+
+    Fine-tuning: AdamW at the preset's learning rate, batches of min(preset batch, N) rows for `epochs` passes
+    (config.epochs, else the preset's; the preset's harmful-data epochs for a task with a "harmful" group),
+    preset.tracin_checkpoints checkpoints. `test_gradients=False` leaves `inputs.test_grads` None (the caller
+    brings its own queries). `model`: an already loaded model.
+    """
+    config.validate()
+    preset = study.PRESETS[config.preset]
+    mesh = sharding.parse_mesh(config.mesh)
+    model = model or load_study_model(config, mesh)
+    task = recipes.load_task(model, task_config(config))
+    log(task.split_info["description"])
+    harmful = "harmful" in set(task.train.groups.tolist())
+    epochs = config.epochs or (preset.epochs_harmful if harmful and preset.epochs_harmful else preset.epochs)
+    lora = LoraConfig(dropout=preset.lora_dropout)
+    steps, batch_size = study.finetune_schedule(preset, epochs, len(task.train_rows))
+    train_config = training.TrainConfig(steps=steps, batch_size=batch_size, lr=preset.lr,
+                                        checkpoint_every=max(1, steps // preset.tracin_checkpoints),
+                                        seed=config.seed)
+    ft_dir = os.path.join(workdir, "finetune")
+    adapters, train_log = recipes.finetune_lora(
+        model, lora, task, train_config, ft_dir,
+        run_config={"data": config.data.source, "preset": config.preset, "loss_on": config.data.loss_on,
+                    **data_options(config)}, mesh=mesh)
+    fns = LMFunctions(model, lora)
+    grads_train = cached_gradients(fns, adapters, task.train, os.path.join(workdir, "grads_train.npz"),
+                                   preset.grad_chunk, desc="gradients (train)", mesh=mesh)
+    grads_test = None
+    if test_gradients:
+        grads_test = cached_gradients(fns, adapters, task.test, os.path.join(workdir, "grads_test.npz"),
+                                      preset.grad_chunk, desc="gradients (test)", mesh=mesh)
+    inputs = study.StudyInputs(fns=fns, adapters=adapters, train=task.train, test=task.test, workdir=ft_dir,
+                               preset=preset, train_grads=grads_train, test_grads=grads_test, seed=config.seed,
+                               lissa_depth=config.lissa_depth, repsim_pooling=config.repsim_pooling,
+                               damping=config.damping[0] if len(config.damping) == 1 else None,
+                               damping_scope=config.damping_scope, curvature=config.curvature, mesh=mesh)
+    return Prepared(config, model, task, adapters, train_log, inputs, train_config, epochs, mesh)
+
+
+# ---------------------------------------------------------------------------------------------------- result
+@dataclasses.dataclass
+class StudyResult:
+    """One study run. `sets`: per damping value (in run order), {"damping", "dir", "results" (results.json),
+    "rows" (results.csv, numbers), "gt_rows", "gt_kinds", "gt_summary", "curvature", "damping_scope",
+    "report"}; the properties read the first set (the only one unless damping is a sweep)."""
+
+    workdir: str
+    config: Optional[StudyConfig]
+    title: str
+    sets: list
+    seconds: float = float("nan")
+
+    @property
+    def results(self) -> dict:
+        return self.sets[0]["results"]
+
+    @property
+    def table(self) -> list:
+        return self.sets[0]["rows"]
+
+    @property
+    def report(self) -> Optional[str]:
+        return self.sets[0]["report"]
+
+    @property
+    def plots(self) -> list:
+        d = self.sets[0]["dir"]
+        return [os.path.join(d, p) for p in sorted(os.listdir(d)) if p.endswith(".png")]
+
+    @property
+    def top_rows(self) -> dict:
+        """{method: [per test row {"top": [...], "bottom": [...]}]} (rows as {index, group, score})."""
+        return {m: d["top_rows"] for m, d in self.results.get("methods", {}).items() if "top_rows" in d}
+
+
+def load_results(workdir: str) -> StudyResult:
+    """A finished study's result set in `workdir` (results.json, results.csv as numbers, ground_truth.json)."""
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    csv_path = os.path.join(workdir, "results.csv")
+    rows = tables.read_csv(csv_path) if os.path.exists(csv_path) else []
+    gt = {}
+    if os.path.exists(os.path.join(workdir, "ground_truth.json")):
+        with open(os.path.join(workdir, "ground_truth.json")) as f:
+            gt = json.load(f)
+    rep = os.path.join(workdir, "report.html")
+    config = None
+    damping = results.get("damping", {})
+    one = {"damping": damping.get("relative"), "dir": workdir, "results": results, "rows": rows,
+           "gt_rows": [], "gt_kinds": list(gt.get("ground_truths", {})), "gt_summary": gt.get("ground_truths", {}),
+           "curvature": damping.get("curvature"), "damping_scope": damping.get("scope"),
+           "report": rep if os.path.exists(rep) else None}
+    return StudyResult(workdir, config, "", [one])
+
+
+# ------------------------------------------------------------------------------------------------------- run
+def run_study(config: StudyConfig, workdir: str) -> StudyResult:
+    """The study end to end in `workdir`: prepare (fine-tune, gradients), ground truths, every method at every
+    damping value, metrics against the group labels and the ground truths, results files and report.html."""
+    start = time.perf_counter()
+    config.validate()
+    preset = study.PRESETS[config.preset]
+    dampings = list(config.damping) or [float(preset.damping)]
+    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir, workdir_settings(config))
+    prepared = prepare(config, workdir)
+    task, inputs, ft_dir = prepared.task, prepared.inputs, os.path.join(workdir, "finetune")
+    final = prepared.log[-1] if prepared.log else {}
+    n_train = len(task.train_rows)
+    title = f"{prepared.model.name} on {os.path.basename(os.path.normpath(config.data.source))} " \
+            f"({config.preset}: {n_train} train, {len(task.test_rows)} test)"
+    run_info = {
+        "model": prepared.model.name, "data": config.data.source, "preset": config.preset, "seed": config.seed,
+        "loss_on": config.data.loss_on, "repsim_pooling": config.repsim_pooling,
+        "dtype": config.dtype, "mesh": sharding.describe(prepared.mesh),
+        "n_train": n_train, "n_test": len(task.test_rows), "seq_len": int(task.train.input_ids.shape[1]),
+        "group_counts": {g: int(c) for g, c in zip(*np.unique(task.train.groups, return_counts=True))},
+        "train_groups": [str(g) for g in task.train.groups], "test_groups": [str(g) for g in task.test.groups],
+        "finetune": {"steps": prepared.steps, "epochs": prepared.epochs, "batch_size": prepared.batch_size,
+                     "final_loss": final.get("loss"), "final_grad_norm": final.get("grad_norm"),
+                     "dist_from_init": final.get("dist_from_init"),
+                     "health": health.read(ft_dir)},  # loss not falling, vanishing gradient, far from init
+        "data_split": task.split_info,  # how train/test were split, sizes, duplicates kept by allow_overlap
+    }
+    ground_truth = {}  # kind -> ground truth (jaxinf.groundtruth.study.compute) of this run only
+    if config.ground_truth.kinds:
+        ground_truth = _ground_truths(config, prepared, workdir)
+        run_info["ground_truth"] = gt_study.summary(ground_truth)
+    log(f"{title}; fine-tune loss {final.get('loss', float('nan')):.3f} after {prepared.steps} steps")
+    sets = []
+    for value in dampings:  # one result set per damping value; fine-tuning, gradients and factors are shared
+        result_dir = workdir if len(dampings) == 1 else os.path.join(workdir, f"damping_{value:g}")
+        sets.append(_one_damping(config, dataclasses.replace(inputs, damping=value), task, workdir, result_dir,
+                                 run_info, title, ground_truth))
+    return StudyResult(workdir, config, title, sets, time.perf_counter() - start)
+
+
+def _ground_truths(config: StudyConfig, prepared: Prepared, workdir: str) -> dict:
+    """The ground-truth kinds for this fine-tuning run: the scanned trainer replays it from the same initial
+    adapters (its checkpoint 0), data order and keys."""
+    gt = config.ground_truth
+    flat = attribution.flatten_rows(prepared.inputs.train_grads)
+    mean_eig = float(np.mean(np.sum(np.square(flat), axis=1)) / flat.shape[1])  # trace(F) / D
+    gt_config = gt_study.GroundTruthConfig(
+        kinds=tuple(gt.kinds), max_queries=gt.queries or None, lds_subsets=gt.subsets, lds_fraction=gt.fraction,
+        loo_rows=gt.loo_rows or None, pbrf_rows=gt.pbrf_rows or None, pbrf_eps=gt.pbrf_eps,
+        pbrf_damping=gt.pbrf_damping * mean_eig, pbrf_iters=gt.pbrf_iters, retrain_chunk=gt.chunk,
+        seed=config.seed)
+    run = gt_study.replay(prepared.inputs.fns, prepared.adapters, recipes.batch_arrays(prepared.task.train),
+                          prepared.train_config, os.path.join(workdir, "finetune"), prepared.mesh)
+    return gt_study.compute(run, prepared.adapters, recipes.batch_arrays(prepared.task.test), gt_config,
+                            os.path.join(workdir, "groundtruth"))
+
+
+def _scores_of(method, inputs, score_dir):
+    """(scores, seconds, info) of one method, computed once and cached in score_dir. Methods that use the
+    damping or the curvature are cached under a key naming them (study.score_cache_key)."""
+    os.makedirs(score_dir, exist_ok=True)
+    path = os.path.join(score_dir, f"{study.score_cache_key(method, inputs)}.npz")
+    if not os.path.exists(path):
+        scores, seconds, info = study.run_method_with_info(method, inputs)
+        np.savez(path + ".tmp.npz", scores=scores, seconds=seconds, info=json.dumps(info))
+        os.replace(path + ".tmp.npz", path)
+    saved = np.load(path)
+    info = json.loads(str(saved["info"])) if "info" in saved else {}
+    return saved["scores"], float(saved["seconds"]), info
+
+
+def _method_record(config, method, scores, seconds, info, exact_scores, task):
+    """(results.json entry, CSV/table row) of one method: metrics vs the group labels, agreement with `exact`,
+    and the method's curvature, absolute damping and solver report (study.run_method_with_info)."""
+    metrics = evaluate(scores, task.test.groups, task.train.groups, n_boot=config.report.bootstrap,
+                       seed=config.seed)
+    agreement = study.agreement_with_exact(scores, exact_scores)
+    detail = dict(metrics, seconds=seconds, vs_exact=agreement, **info)
+    row = {"method": method, "seconds": seconds, "spearman_vs_exact": agreement["spearman"],
+           "direction_error_vs_exact": agreement["direction"], "curvature": info.get("curvature", ""),
+           "lambda": study.lambda_summary(info.get("lambda")), "converged": info.get("converged", True)}
+    for key in tables.METRICS:
+        row[key] = metrics[key]["value"]
+        row[f"{key}_lo"], row[f"{key}_hi"] = metrics[key]["ci"]
+    return detail, row
+
+
+def _ground_truth_columns(config, scores, detail, row, ground_truth):
+    """Agreement of one method's scores with every ground truth: results.json (with per-query values) and CSV."""
+    if not ground_truth:
+        return
+    agree = gt_study.agreement_with(scores, ground_truth, n_boot=config.report.bootstrap, seed=config.seed)
+    detail["ground_truth"] = agree
+    for kind, a in agree.items():
+        row[f"gt_{kind}"], (row[f"gt_{kind}_lo"], row[f"gt_{kind}_hi"]) = a["value"], a["ci"]
+
+
+def _ground_truth_rows(config, rows, n_test, n_train, result_dir, title, ground_truth) -> list:
+    """The methods' rows plus the ground truths scored as methods against each other; ground_truth.json and
+    gt_agreement.png."""
+    if not ground_truth:
+        return []
+    kinds = list(ground_truth)
+    for kind in kinds:
+        as_scores = gt_study.as_method_scores(kind, ground_truth[kind], n_test, n_train)
+        if as_scores is not None:
+            row = {"method": f"gt:{kind}"}
+            _ground_truth_columns(config, as_scores, {}, row, ground_truth)
+            rows.append(row)
+    tables.plot_agreement(rows, kinds, os.path.join(result_dir, "gt_agreement.png"), title)
+    recipes.write_json(os.path.join(result_dir, "ground_truth.json"), {
+        "ground_truths": gt_study.summary(ground_truth),
+        "agreement": {r["method"]: {k: [r.get(f"gt_{k}"), r.get(f"gt_{k}_lo"), r.get(f"gt_{k}_hi")] for k in kinds}
+                      for r in rows}})
+    return rows
+
+
+def _one_damping(config, inputs, task, workdir, result_dir, run_info, title, ground_truth) -> dict:
+    """Every method at one damping value: scores (cached), metrics, results.json / results.csv / metrics.png /
+    ground_truth.json / gt_agreement.png / report.html in result_dir. A method that fails is reported in
+    results.json (its error) and the others go on."""
+    os.makedirs(result_dir, exist_ok=True)
+    score_dir = os.path.join(workdir, "scores")
+    rows, details, all_scores = [], {}, {}
+    exact_scores = None
+    for i, method in enumerate(config.methods):
+        clock = Stage(f"method {i + 1}/{len(config.methods)} {method} (damping {inputs.damping:g})")
+        try:
+            scores, seconds, info = _scores_of(method, inputs, score_dir)
+            if exact_scores is None:
+                exact_scores = _scores_of("exact", inputs, score_dir)[0]
+        except Exception as err:  # report the failure in the table and go on with the other methods
+            clock.close(note="failed")
+            log(f"method {method} failed: {err}")
+            details[method] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        clock.close()
+        detail, row = _method_record(config, method, scores, seconds, info, exact_scores, task)
+        _ground_truth_columns(config, scores, detail, row, ground_truth)
+        detail["top_rows"] = report.top_rows_table(scores, task.train.groups, config.report.top_k, seed=config.seed)
+        all_scores[method] = scores
+        details[method] = detail
+        rows.append(row)
+
+    results = dict(run_info, damping=study.damping_report(inputs), methods=details)
+    recipes.write_json(os.path.join(result_dir, "results.json"), results)
+    results = json.loads(json.dumps(results, default=float))  # what results.json holds (lists, floats)
+    tables.write_csv(os.path.join(result_dir, "results.csv"), rows)
+    if rows:
+        tables.plot_metrics(rows, os.path.join(result_dir, "metrics.png"),
+                            f"{title}, {inputs.curvature}, damping {inputs.damping:g} ({inputs.damping_scope})")
+    gt_rows = _ground_truth_rows(config, [dict(r) for r in rows], len(task.test_rows), len(task.train_rows),
+                                 result_dir, title, ground_truth)
+    return {"damping": inputs.damping, "dir": result_dir, "results": results, "rows": rows, "gt_rows": gt_rows,
+            "gt_kinds": list(ground_truth), "gt_summary": gt_study.summary(ground_truth) if ground_truth else {},
+            "curvature": inputs.curvature, "damping_scope": inputs.damping_scope,
+            "report": _report(config, inputs, task, all_scores, result_dir, title)}
+
+
+def _report(config, inputs, task, all_scores, result_dir, title):
+    """report.html: the first `report.queries` test rows of each group, top/bottom `report.k` rows per method with
+    per-token contributions (jaxinf.report), from the scores this run computed; its path (None: disabled)."""
+    rc = config.report
+    all_scores = {m: all_scores[m] for m in rc.methods if m in all_scores}
+    if rc.queries <= 0 or not all_scores:
+        return None
+    groups = [str(g) for g in task.test.groups]
+    queries = sorted(i for g in sorted(set(groups)) for i in [j for j, h in enumerate(groups) if h == g][
+        :rc.queries])
+    explanations = report.explain(list(all_scores), inputs, tokenizer=inputs.fns.model.tokenizer,
+                                  train_rows=task.train_rows, test_rows=task.test_rows, k=rc.k,
+                                  queries=queries, scores=all_scores, seed=config.seed)
+    path = os.path.join(result_dir, "report.html")
+    report.write_report(path, explanations, meta=[
+        f"{title}; {inputs.curvature}, damping {inputs.damping:g} ({inputs.damping_scope})",
+        f"test rows {queries} ({rc.queries} per group); top and bottom {rc.k} training rows "
+        "per method; results.json keeps the top/bottom --top_k of every test row"])
+    log(f"report: {path}")
+    return path
