@@ -84,16 +84,8 @@ def finetune_schedule(preset: Preset, epochs: float, n_train: int) -> tuple[int,
     return max(1, int(np.ceil(epochs * n_train / batch_size))), batch_size
 
 
-ALL_METHODS = ("grad_dot", "grad_cos", "tracin", "datainf", "exact_layer", "exact", "lissa", "cg", "arnoldi",
-               "lanczos", "kfac", "ekfac", "repsim")
-
-
 DAMPING_SCOPES = ("global", "block")
 CURVATURES = ("fisher", "ggn", "hessian")
-# Methods whose preconditioner uses the damping, and those that can invert a model curvature (GGN / Hessian);
-# the block-diagonal ones (datainf, exact_layer, kfac, ekfac) always use the gradient Fisher (or its K-FAC).
-DAMPED_METHODS = ("datainf", "exact_layer", "exact", "lissa", "cg", "arnoldi", "lanczos", "kfac", "ekfac")
-CURVATURE_METHODS = ("exact", "lissa", "cg", "arnoldi", "lanczos")
 DENSE_MAX_DIM = 6000  # model curvatures up to this many adapter parameters are inverted exactly by eigh
 NEGATIVE_POLICY = ("keep: every method inverts C + lambda I as it is (no clipping or absolute values), so all "
                    "share one matrix; when the Hessian has eigenvalues below -lambda that matrix is indefinite, "
@@ -277,17 +269,14 @@ def _num_params(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
-def _with_directions(directions: Callable[[StudyInputs], np.ndarray]) -> Callable[[StudyInputs], np.ndarray]:
-    """A method whose scores are <d_q, g_n>; `run.directions(inputs)` gives d_q [M, D] (per-token scores use it)."""
-    def run(inputs: StudyInputs) -> np.ndarray:
-        return directions(inputs) @ _flat(inputs.train_grads).T
-
-    run.directions = directions
-    return run
-
-
-def _record(inputs: StudyInputs, method: str, **info) -> None:
-    inputs._cache.setdefault("info", {})[method] = info
+def _fitted(inputs: StudyInputs, key: tuple, fit: Callable[[], Any]) -> Any:
+    """A solver state fitted once per run (inputs._cache, shared by dataclasses.replace): the report's queries
+    reuse the state the study's scores were computed with. Reused only for the same training gradients object
+    (a replace() with other training rows fits anew)."""
+    cached = inputs._cache.get(key)
+    if cached is None or cached[0] is not inputs.train_grads:
+        cached = inputs._cache[key] = (inputs.train_grads, fit())
+    return cached[1]
 
 
 def _solver_report(name: str, state, info) -> dict:
@@ -312,49 +301,46 @@ def _quadratic_form(params, batch) -> jax.Array:
     return 0.5 * flat @ (batch["matrix"] @ flat)
 
 
-def _solver_method(make: Callable[[StudyInputs, Any], ihvp.IHVPSolver], name: str):
+def _solver_directions(make: Callable[[StudyInputs, Any], ihvp.IHVPSolver], name: str):
     """A solver on the run's curvature with the run's damping: global scope, (C + lambda I)^{-1} q with the
     absolute lambda; block scope, Lambda^{-1/2} (F' + I)^{-1} Lambda^{-1/2} q with F' the Fisher of the rescaled
-    gradients Lambda^{-1/2} g, which is exactly (F + Lambda)^{-1} q."""
+    gradients Lambda^{-1/2} g, which is exactly (F + Lambda)^{-1} q. Returns (d [M, D], the solver's report)."""
 
-    def directions(inputs: StudyInputs) -> np.ndarray:
+    def directions(inputs: StudyInputs) -> tuple[np.ndarray, dict]:
         key = jax.random.key(inputs.seed)
-        curvature = inputs.curvature if name in CURVATURE_METHODS else "fisher"
+        cache_key = ("state", name, inputs.curvature, inputs.damping_scope, inputs.damping)
         if inputs.damping_scope == "block":
             solver = make(inputs, ihvp.absolute(1.0))
-            state = solver.fit(inputs.scaled_fisher(), key)
+            state = _fitted(inputs, cache_key, lambda: solver.fit(inputs.scaled_fisher(), key))
             xs, info = solver.apply_batched_with_info(state, inputs.scaled(inputs.test_grads))
-            out, lam = _flat(inputs.scaled(xs)), inputs.block_lambdas
+            out = _flat(inputs.scaled(xs))
         else:
-            lam = inputs.global_lambda
-            op = inputs.solver_operator if curvature != "fisher" else inputs.fisher
-            solver = make(inputs, ihvp.absolute(lam))
-            state = solver.fit(op, key)
+            op = inputs.solver_operator if inputs.curvature != "fisher" else inputs.fisher
+            solver = make(inputs, ihvp.absolute(inputs.global_lambda))
+            state = _fitted(inputs, cache_key, lambda: solver.fit(op, key))
             xs, info = solver.apply_batched_with_info(state, inputs.test_grads)
             out = _flat(xs)
-        _record(inputs, name, curvature=curvature, **_solver_report(name, state, info))
-        return out
+        return out, dict(curvature=inputs.curvature, **_solver_report(name, state, info))
 
-    return _with_directions(directions)
+    return directions
 
 
-def _block_method(make: Callable[[Any], ihvp.IHVPSolver], name: str):
+def _block_directions(make: Callable[[Any], ihvp.IHVPSolver], name: str):
     """datainf / exact_layer: one block per LoRA matrix of the gradient Fisher, every block damped by the run's
     lambda (global scope) or its own lambda_l (block scope)."""
 
-    def directions(inputs: StudyInputs) -> np.ndarray:
+    def directions(inputs: StudyInputs) -> tuple[np.ndarray, dict]:
         lam = inputs.block_lambdas if inputs.damping_scope == "block" else inputs.global_lambda
-        damping = lam if isinstance(lam, dict) else ihvp.absolute(lam)
-        solver = make(damping)
-        state = solver.fit(inputs.fisher, jax.random.key(inputs.seed))
-        _record(inputs, name, curvature="fisher")
-        return _flat(solver.apply_batched(state, inputs.test_grads))
+        solver = make(lam if isinstance(lam, dict) else ihvp.absolute(lam))
+        state = _fitted(inputs, ("state", name, "fisher", inputs.damping_scope, inputs.damping),
+                        lambda: solver.fit(inputs.fisher, jax.random.key(inputs.seed)))
+        return _flat(solver.apply_batched(state, inputs.test_grads)), {"curvature": "fisher"}
 
-    return _with_directions(directions)
+    return directions
 
 
-def _kfac_method(kind: str) -> Callable[[StudyInputs], np.ndarray]:
-    def directions(inputs: StudyInputs) -> np.ndarray:
+def _kfac_directions(kind: str):
+    def directions(inputs: StudyInputs) -> tuple[np.ndarray, dict]:
         factors = inputs.kfac_factors
         if inputs.damping_scope == "block":
             by_leaf = inputs.block_lambdas
@@ -363,11 +349,12 @@ def _kfac_method(kind: str) -> Callable[[StudyInputs], np.ndarray]:
             damping = {l.name: by_leaf[names[tuple(l.kernel)]] for l in factors.layers}
         else:
             damping = ihvp.absolute(inputs.global_lambda)
-        state = state_from_factors(factors, kind, damping, inputs.adapters)
-        _record(inputs, kind, curvature="fisher", curvature_note=f"{kind} factors of the empirical Fisher")
-        return _flat({"kfac": kfac, "ekfac": ekfac}[kind](ihvp.absolute(1.0)).apply_batched(state, inputs.test_grads))
+        state = _fitted(inputs, ("state", kind, "fisher", inputs.damping_scope, inputs.damping),
+                        lambda: state_from_factors(factors, kind, damping, inputs.adapters))
+        d = _flat({"kfac": kfac, "ekfac": ekfac}[kind](ihvp.absolute(1.0)).apply_batched(state, inputs.test_grads))
+        return d, {"curvature": "fisher", "curvature_note": f"{kind} factors of the empirical Fisher"}
 
-    return _with_directions(directions)
+    return directions
 
 
 def _key_str(k) -> str:
@@ -409,17 +396,17 @@ def exact_fisher_directions(train: np.ndarray, test: np.ndarray, lam: float) -> 
     return (q - (g.T @ inner).T) / lam
 
 
-def _exact_directions(inputs: StudyInputs) -> np.ndarray:
+def _exact_directions(inputs: StudyInputs) -> tuple[np.ndarray, dict]:
     """(C + lambda I)^{-1} g_q in float64 (Woodbury for the Fisher; eigh for a dense model curvature)."""
     if inputs.curvature == "fisher":
         g, q, lam, _ = _exact_system(inputs)
         d = exact_fisher_directions(g, q, lam)
         if inputs.damping_scope == "block":
             d = d * _flat(inputs.scaled(jax.tree.map(lambda x: np.ones_like(x)[None], inputs.adapters)))[0]
-        return d
+        return d, {"curvature": "fisher"}
     theta, u = _model_spectrum_or_fail(inputs)
     q = _flat(inputs.test_grads).astype(np.float64)
-    return ((q @ u) / (theta + inputs.global_lambda)) @ u.T
+    return ((q @ u) / (theta + inputs.global_lambda)) @ u.T, {"curvature": inputs.curvature}
 
 
 def _model_spectrum_or_fail(inputs):
@@ -436,26 +423,24 @@ def rounding_floor(theta: np.ndarray) -> float:
     return float(theta.shape[0] * np.finfo(theta.dtype).eps * max(float(np.max(np.abs(theta))), 1e-300))
 
 
-def _exact(inputs: StudyInputs) -> np.ndarray:
-    """Exact influence of the run's curvature and damping, float64."""
+def _exact(inputs: StudyInputs) -> tuple[np.ndarray, dict]:
+    """Exact influence of the run's curvature and damping, float64 (scores by the push-through identity, which
+    keeps small lambda accurate; its directions, for per-token scores, by Woodbury)."""
     if inputs.curvature == "fisher":
-        g, q, lam, reported = _exact_system(inputs)
-        _record(inputs, "exact", curvature="fisher", how="float64, (G G^T/N + lambda I)^{-1} G q")
-        return exact_fisher_scores(g, q, lam)
+        g, q, lam, _ = _exact_system(inputs)
+        return exact_fisher_scores(g, q, lam), {"curvature": "fisher",
+                                                 "how": "float64, (G G^T/N + lambda I)^{-1} G q"}
     theta, u = _model_spectrum_or_fail(inputs)
     lam = inputs.global_lambda
     shifted = theta + lam
     negative = theta < -rounding_floor(theta)  # an exact zero eigenvalue comes out as +-1e-17: not negative
-    _record(inputs, "exact", curvature=inputs.curvature, how="float64 eigh of the dense model curvature",
-            eigenvalue_min=float(theta.min()), eigenvalue_max=float(theta.max()),
-            negative_eigenvalues=int(negative.sum()), negative_mass=float(-theta[negative].sum()),
-            damped_matrix_positive_definite=bool(shifted.min() > 0), negative_policy=NEGATIVE_POLICY)
+    info = dict(curvature=inputs.curvature, how="float64 eigh of the dense model curvature",
+                eigenvalue_min=float(theta.min()), eigenvalue_max=float(theta.max()),
+                negative_eigenvalues=int(negative.sum()), negative_mass=float(-theta[negative].sum()),
+                damped_matrix_positive_definite=bool(shifted.min() > 0), negative_policy=NEGATIVE_POLICY)
     g = _flat(inputs.train_grads).astype(np.float64)
     q = _flat(inputs.test_grads).astype(np.float64)
-    return ((q @ u) / shifted) @ (g @ u).T
-
-
-_exact.directions = _exact_directions
+    return ((q @ u) / shifted) @ (g @ u).T, info
 
 
 def tracin_checkpoints(inputs: StudyInputs) -> list:
@@ -468,35 +453,85 @@ def tracin_checkpoints(inputs: StudyInputs) -> list:
     return attribution.tracin_checkpoints(inputs.workdir, inputs.adapters, chosen)
 
 
-def _tracin(inputs: StudyInputs) -> np.ndarray:
+def _tracin(inputs: StudyInputs) -> tuple[np.ndarray, dict]:
     ckpts = tracin_checkpoints(inputs)
     return attribution.tracin_scores(inputs.fns, ckpts, inputs.test, inputs.train,
-                                     chunk_size=inputs.preset.grad_chunk, progress=True)
+                                     chunk_size=inputs.preset.grad_chunk, progress=True), {}
 
 
-_identity = _with_directions(lambda inputs: _flat(inputs.test_grads))
-
-
-def _repsim(inputs: StudyInputs) -> np.ndarray:
+def _repsim(inputs: StudyInputs) -> tuple[np.ndarray, dict]:
     return attribution.repsim_scores(inputs.fns, inputs.adapters, inputs.test, inputs.train,
-                                     pooling=inputs.repsim_pooling, chunk_size=inputs.preset.grad_chunk)
+                                     pooling=inputs.repsim_pooling, chunk_size=inputs.preset.grad_chunk), {}
 
 
-METHODS: dict[str, Callable[[StudyInputs], np.ndarray]] = {
-    "grad_dot": _identity,
-    "grad_cos": lambda i: attribution.cosine_matrix(_flat(i.test_grads), _flat(i.train_grads)),
-    "tracin": _tracin,
-    "datainf": _block_method(lambda d: ihvp.datainf(damping=d, by="leaf"), "datainf"),
-    "exact_layer": _block_method(lambda d: ihvp.woodbury(damping=d, by="leaf"), "exact_layer"),
-    "exact": _exact,
-    "lissa": _solver_method(lambda i, d: ihvp.lissa(damping=d, depth=i.lissa_depth or i.preset.lissa_depth), "lissa"),
-    "cg": _solver_method(lambda i, d: ihvp.cg(damping=d, maxiter=i.preset.cg_iters, tol=1e-6), "cg"),
-    "arnoldi": _solver_method(lambda i, d: ihvp.arnoldi(damping=d, num_iters=i.preset.krylov_iters), "arnoldi"),
-    "lanczos": _solver_method(lambda i, d: ihvp.lanczos(damping=d, num_iters=i.preset.krylov_iters), "lanczos"),
-    "kfac": _kfac_method("kfac"),
-    "ekfac": _kfac_method("ekfac"),
-    "repsim": _repsim,
+def _cosine(inputs: StudyInputs) -> tuple[np.ndarray, dict]:
+    return attribution.cosine_matrix(_flat(inputs.test_grads), _flat(inputs.train_grads)), {}
+
+
+def _unit_queries(inputs: StudyInputs) -> tuple[np.ndarray, dict]:
+    q = _flat(inputs.test_grads).astype(np.float64)
+    return q / np.linalg.norm(q, axis=1, keepdims=True), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One attribution method of the study.
+
+    damped: its preconditioner uses the run's damping. curvatures: what it can invert (() none; ("fisher",) the
+    gradient Fisher or its K-FAC only; CURVATURES the run's --curvature). directions_fn(inputs) -> (d [M, D],
+    info) with d_q the preconditioned query gradient (per-token scores split <d_q, g_n> over tokens); scores_fn
+    (inputs) -> (scores [M, N], info) for a method that scores its own way (None: scores = d G^T).
+    """
+
+    name: str
+    damped: bool = False
+    curvatures: tuple = ()
+    directions_fn: Optional[Callable[[StudyInputs], tuple]] = None
+    scores_fn: Optional[Callable[[StudyInputs], tuple]] = None
+
+    def directions(self, inputs: StudyInputs) -> Optional[np.ndarray]:
+        """d_q [M, D] for inputs.test_grads, or None for a method that is not a gradient inner product."""
+        return None if self.directions_fn is None else np.asarray(self.directions_fn(inputs)[0])
+
+    def run(self, inputs: StudyInputs) -> tuple[np.ndarray, dict, Optional[np.ndarray]]:
+        """(scores [M, N] float64, info, directions or None when this run did not form them)."""
+        if self.scores_fn is not None:
+            scores, info = self.scores_fn(inputs)
+            return np.asarray(scores, np.float64), dict(info), None
+        d, info = self.directions_fn(inputs)
+        d = np.asarray(d)
+        return np.asarray(d @ _flat(inputs.train_grads).T, np.float64), dict(info), d
+
+
+_SOLVERS = {
+    "lissa": lambda i, d: ihvp.lissa(damping=d, depth=i.lissa_depth or i.preset.lissa_depth),
+    "cg": lambda i, d: ihvp.cg(damping=d, maxiter=i.preset.cg_iters, tol=1e-6),
+    "arnoldi": lambda i, d: ihvp.arnoldi(damping=d, num_iters=i.preset.krylov_iters),
+    "lanczos": lambda i, d: ihvp.lanczos(damping=d, num_iters=i.preset.krylov_iters),
 }
+
+
+_REGISTRY = (
+    Method("grad_dot", directions_fn=lambda inputs: (_flat(inputs.test_grads), {})),
+    Method("grad_cos", directions_fn=_unit_queries, scores_fn=_cosine),
+    Method("tracin", scores_fn=_tracin),
+    Method("datainf", damped=True, curvatures=("fisher",),
+           directions_fn=_block_directions(lambda d: ihvp.datainf(damping=d, by="leaf"), "datainf")),
+    Method("exact_layer", damped=True, curvatures=("fisher",),
+           directions_fn=_block_directions(lambda d: ihvp.woodbury(damping=d, by="leaf"), "exact_layer")),
+    Method("exact", damped=True, curvatures=CURVATURES, directions_fn=_exact_directions, scores_fn=_exact),
+    *(Method(name, damped=True, curvatures=CURVATURES, directions_fn=_solver_directions(make, name))
+      for name, make in _SOLVERS.items()),
+    Method("kfac", damped=True, curvatures=("fisher",), directions_fn=_kfac_directions("kfac")),
+    Method("ekfac", damped=True, curvatures=("fisher",), directions_fn=_kfac_directions("ekfac")),
+    Method("repsim", scores_fn=_repsim),
+)
+METHODS: dict[str, Method] = {m.name: m for m in _REGISTRY}
+ALL_METHODS = tuple(METHODS)
+# views of the registry: methods whose preconditioner uses the damping, and those that can invert a model
+# curvature (GGN / Hessian); the block-diagonal ones (datainf, exact_layer, kfac, ekfac) use the gradient Fisher
+DAMPED_METHODS = tuple(m.name for m in _REGISTRY if m.damped)
+CURVATURE_METHODS = tuple(m.name for m in _REGISTRY if m.curvatures == CURVATURES)
 
 
 def agreement_with_exact(scores: np.ndarray, exact_scores: np.ndarray) -> dict:
@@ -516,22 +551,23 @@ def agreement_with_exact(scores: np.ndarray, exact_scores: np.ndarray) -> dict:
 
 def run_method(name: str, inputs: StudyInputs) -> tuple[np.ndarray, float]:
     """(scores [M, N], wall seconds) of one method."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
-    start = time.perf_counter()
-    scores = np.asarray(METHODS[name](inputs), np.float64)
-    if not np.all(np.isfinite(scores)):
-        raise FloatingPointError(f"method {name!r} produced non-finite scores")
-    return scores, time.perf_counter() - start
+    scores, seconds, _ = run_method_with_info(name, inputs)
+    return scores, seconds
 
 
 def run_method_with_info(name: str, inputs: StudyInputs) -> tuple[np.ndarray, float, dict]:
     """(scores [M, N], wall seconds, info) of one method. info: the curvature it used; for damped methods the
     absolute lambda (a float, or {LoRA matrix: lambda_l} under block scope) and the damping rule; for solvers their
     own report (CG iterations, final relative residual, converged)."""
-    scores, seconds = run_method(name, inputs)
-    info = dict(inputs._cache.get("info", {}).get(name, {}))
-    if name in DAMPED_METHODS:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
+    method = METHODS[name]
+    start = time.perf_counter()
+    scores, info, _ = method.run(inputs)
+    seconds = time.perf_counter() - start
+    if not np.all(np.isfinite(scores)):
+        raise FloatingPointError(f"method {name!r} produced non-finite scores")
+    if method.damped:
         info["lambda"] = inputs.block_lambdas if inputs.damping_scope == "block" else inputs.global_lambda
         info["damping_fraction"], info["damping_scope"] = inputs.damping, inputs.damping_scope
     info.setdefault("curvature", "none (no curvature)")
@@ -541,7 +577,7 @@ def run_method_with_info(name: str, inputs: StudyInputs) -> tuple[np.ndarray, fl
 def score_cache_key(name: str, inputs: StudyInputs) -> str:
     """File stem of a method's cached scores: damped methods name the run's curvature (which also sets lambda for
     the Fisher-only ones), damping scope and fraction."""
-    if name not in DAMPED_METHODS:
+    if not METHODS[name].damped:
         return name
     return f"{name}__{inputs.curvature}_{inputs.damping_scope}_f{inputs.damping:g}"
 

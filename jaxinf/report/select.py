@@ -7,7 +7,7 @@ contributions of a training row b are
     s[b, t] = <grad l_bt, d_q>,   l_bt = the row's per-token losses (`attribution.per_token_losses`),
 
 so sum_t s[b, t] = <grad L_b, d_q> = score(q, b) (Grosse et al. 2023). d_q is the method's preconditioned
-query gradient (`study.METHODS[name].directions`: P g_q for the iHVP and K-FAC methods, g_q for grad_dot);
+query gradient (`study.METHODS[name].directions(inputs)`: P g_q for the iHVP and K-FAC methods, g_q for grad_dot);
 grad_cos divides by ||g_q|| ||g_b||; TracIn sums the contributions over its checkpoints (w_c, g_q(theta_c)).
 RepSim is not a gradient inner product: its rows carry no token contributions.
 """
@@ -38,28 +38,19 @@ def top_bottom(scores: np.ndarray, k: int, *, seed: int = 0) -> tuple[np.ndarray
 
 
 def method_directions(name: str, inputs: study.StudyInputs) -> Optional[np.ndarray]:
-    """d_q [M, D] with score(q, n) = <d_q, g_n> for `inputs.test_grads`, or None if the method has no such d."""
-    fn = study.METHODS[name]
-    if hasattr(fn, "directions"):
-        return np.asarray(fn.directions(inputs))
-    if name == "grad_cos":
-        q = np.asarray(attribution.flatten_rows(inputs.test_grads), np.float64)
-        return q / np.linalg.norm(q, axis=1, keepdims=True)
-    return None
+    """d_q [M, D] with score(q, n) = <d_q, g_n> for `inputs.test_grads` (grad_cos: g_q / ||g_q||), or None if the
+    method has no such d. The method's fitted solver state is the study's (`study.StudyInputs._cache`)."""
+    return study.METHODS[name].directions(inputs)
 
 
 def scores_and_directions(name: str, inputs: study.StudyInputs) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """(scores [M, N] as the study computes them, directions or None); the preconditioner is fitted once."""
     if name not in study.METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {list(study.METHODS)}")
-    fn = study.METHODS[name]
-    directions = method_directions(name, inputs)
-    # methods built by study._with_directions (they share its `run`, as `_identity` does) score as d @ G^T:
-    # reuse d instead of fitting the preconditioner twice; any other method scores its own way
-    if directions is not None and getattr(fn, "__code__", None) is study._identity.__code__:
-        scores = np.asarray(directions @ np.asarray(attribution.flatten_rows(inputs.train_grads)).T, np.float64)
-    else:
-        scores, _ = study.run_method(name, inputs)
+    method = study.METHODS[name]
+    scores, _, directions = method.run(inputs)
+    if directions is None:  # a method that scores its own way (exact's push-through, grad_cos, TracIn, RepSim)
+        directions = method.directions(inputs)
     return scores, directions
 
 
