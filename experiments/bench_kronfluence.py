@@ -1,31 +1,42 @@
-r"""jaxinf against kronfluence on the CPU: the same GPT-2, tokens, layers, empirical Fisher, damping; one run.
+r"""jaxinf against kronfluence on the CPU, at equal cores: the same GPT-2, tokens, layers, empirical Fisher, damping.
 
     pip install -e .[bench]          # kronfluence + torch (an optional extra; nothing else needs them)
-    python -m experiments.bench_kronfluence                          # 4 x 256 GPT-2, 64 train x 16 query x 128
-    python -m experiments.bench_kronfluence --precision=float64      # agreement in float64 (slower)
+    python -m experiments.bench_kronfluence                          # the fair harness (about 25 minutes, 2 cores)
+    python -m experiments.bench_kronfluence --precision=float64 ...  # agreement in float64 (slower)
     python -m experiments.bench_kronfluence --sides=jaxinf           # the jaxinf half only (no torch needed)
 
-Workload: a randomly initialised GPT-2 (--n_layer blocks of width --n_embd, GPT-2's 50257-token vocabulary,
-dropout 0) made in Flax (seed --seed) and loaded into torch's GPT2LMHeadModel, so both sides hold the same weights; --n_train and
---n_query sequences of --seq_len random tokens (the same arrays on both sides); the loss of row n is its mean
-next-token NLL over tokens 2..T (jaxinf.models.loss; kronfluence's task sums these over the batch). EK-FAC over
-every linear layer of the blocks (c_attn, attn c_proj, c_fc, mlp c_proj, with biases; torch's Conv1D layers become
-nn.Linear with the transposed weight for kronfluence), empirical Fisher (the data's own labels), eigenvectors of
-the covariances in float64, eigenvalue correction from per-example gradients, damping lambda_l = --damping x mean
-corrected eigenvalue of layer l (kronfluence: ScoreArguments(damping_factor=None), its 0.1 x mean heuristic).
-Scores s[q, n] = <P g_q, g_n> on both sides.
+Workload: a randomly initialised GPT-2 (--n_layer blocks of width --n_embd, dropout 0) made in Flax (seed --seed)
+and loaded into torch's GPT2LMHeadModel, so both sides hold the same weights; --n_train and --n_query sequences of
+--seq_len random tokens (the same arrays on both sides). Each vocabulary in --vocab_sizes is its own workload
+(50257, GPT-2's, makes the untracked output layer most of each pass's matmul FLOPs; 2000 makes the tracked layers
+most). The loss of row n is its mean next-token NLL over tokens 2..T (jaxinf.models.loss; kronfluence's task sums
+these over the batch). EK-FAC over every linear layer of the blocks (c_attn, attn c_proj, c_fc, mlp c_proj, with
+biases; torch's Conv1D layers become nn.Linear with the transposed weight for kronfluence), empirical Fisher,
+eigenvectors in float64, eigenvalue correction from per-example gradients, damping lambda_l = 0.1 x mean corrected
+eigenvalue of layer l (kronfluence: ScoreArguments(damping_factor=None), its heuristic). Scores s[q, n] =
+<P g_q, g_n>.
 
-Each side runs in its own subprocess (so its peak RSS is its own) with one thread (torch.set_num_threads(1);
-XLA's CPU client with intra-op parallelism 1; OPENBLAS/OMP/MKL_NUM_THREADS=1), fits and scores repeatedly,
-and reports the last of --fit_repeats / --score_repeats runs (warm: compiled, caches loaded). Ratios are
-jaxinf / kronfluence (below 1: jaxinf faster or smaller). Correlations: Pearson and mean per-query Spearman of the score matrices, and max |difference| /
-max |score|.
+Fairness:
+  * cores: each side runs in its own subprocess whose CPU affinity is set to cores 0..c-1 before Python starts
+    (os.sched_setaffinity in the child), for each c in --cores. torch gets torch.set_num_threads(c) and
+    OMP/MKL/OPENBLAS_NUM_THREADS=c; XLA's CPU client sizes its intra-op pool from the affinity mask. Each phase's
+    CPU time (user + system, all threads, getrusage) over its wall time is recorded: about 1.0 for one core.
+  * work: the same training batches (--batch_size) on both sides; the query side in each of --query_batch_sizes
+    ("all": every query in one batch, one pass over the training rows on both sides; k: batches of k, one training
+    pass per query batch on both sides).
+  * order and noise: both orders (jaxinf first, kronfluence first), each side a fresh process that runs one cold
+    fit / score (compilation, caches) and then --warm_repeats warm ones; medians over the warm runs of both orders.
+  * memory: peak RSS of each side's process (getrusage ru_maxrss) and its RSS before the first fit.
+Ratios are jaxinf / kronfluence (below 1: jaxinf faster or smaller). Agreement: Pearson and mean per-query Spearman
+of the two score matrices, and max |difference| / max |score|.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,46 +44,52 @@ import time
 
 from absl import app, flags
 
-from experiments import bench_ekfac  # noqa: E402 (its flags and timing loop are this binary's too)
-
 FLAGS = flags.FLAGS
-# From bench_ekfac: --n_train, --n_query, --seq_len, --batch_size, --damping, --seed, --fit_repeats,
-# --score_repeats, --out (its --dtype, --workload, --lora_rank do not apply here; see --precision).
-for _name, _value in (("n_train", 64), ("n_query", 16), ("seq_len", 128), ("batch_size", 8), ("fit_repeats", 2),
-                      ("score_repeats", 2), ("out", "results/bench_kronfluence.json")):
-    FLAGS.set_default(_name, _value)
 flags.DEFINE_list("sides", ["jaxinf", "kronfluence"], "which implementations to run")
 flags.DEFINE_integer("n_layer", 4, "GPT-2 blocks")
 flags.DEFINE_integer("n_embd", 256, "GPT-2 width")
 flags.DEFINE_integer("n_head", 4, "attention heads")
-flags.DEFINE_integer("vocab_size", 50257, "vocabulary (GPT-2's)")
+flags.DEFINE_list("vocab_sizes", ["50257", "2000"], "vocabularies, one workload each (50257: GPT-2's)")
+flags.DEFINE_integer("n_train", 64, "training sequences")
+flags.DEFINE_integer("n_query", 16, "query sequences")
+flags.DEFINE_integer("seq_len", 128, "tokens per sequence")
+flags.DEFINE_integer("batch_size", 8, "training sequences per batch (fit and score, both sides)")
+flags.DEFINE_list("query_batch_sizes", ["all", "8"], "query batch settings: 'all' (one batch) or a batch size")
+flags.DEFINE_list("cores", ["1", "2"], "cores per side (CPU affinity 0..c-1), one setting each")
+flags.DEFINE_integer("warm_repeats", 2, "warm fits and scores per side process (after one cold run); both orders "
+                     "run, so each median is over 2 x this many")
+flags.DEFINE_enum("orders", "both", ["both", "jaxinf_first"], "side orders to run")
+flags.DEFINE_float("damping", 0.1, "relative damping (kronfluence's is fixed at 0.1 x the mean eigenvalue)")
 flags.DEFINE_enum("precision", "float32", ["float32", "float64"], "model, statistics and scores dtype, both sides")
-flags.DEFINE_integer("threads", 1, "threads per side")
+flags.DEFINE_integer("seed", 0, "seed for the weights and tokens")
+flags.DEFINE_string("out", "results/bench_kronfluence.json", "results JSON")
 flags.DEFINE_string("_side", None, "internal: run one side in this process and write its results to --_side_out")
 flags.DEFINE_string("_side_out", None, "internal")
 flags.DEFINE_string("_workdir", None, "internal: the shared model and tokens")
+flags.DEFINE_integer("_vocab", None, "internal: this workload's vocabulary")
+flags.DEFINE_integer("_threads", None, "internal: cores of this side process")
+
+_WORKLOAD_FLAGS = ("n_layer", "n_embd", "n_head", "n_train", "n_query", "seq_len", "batch_size", "damping",
+                   "precision", "warm_repeats", "seed")
 
 
-def _thread_env(threads: int) -> dict:
-    n = str(threads)
-    return {"OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n,
-            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=" +
-                          ("true" if threads > 1 else "false") + f" intra_op_parallelism_threads={n}").strip()}
+def _query_batch(setting: str) -> int:
+    return FLAGS.n_query if setting == "all" else int(setting)
 
 
 # --------------------------------------------------------------------------------------------- shared workload
-def make_workload(workdir: str) -> None:
+def make_workload(workdir: str, vocab: int) -> None:
     """The GPT-2 (Flax, random init with --seed, save_pretrained) and the token arrays (tokens.npz) in `workdir`.
     Made with jax, so the jaxinf half needs no torch; the kronfluence half loads the same weights into torch."""
     import numpy as np
     import transformers
 
-    config = transformers.GPT2Config(vocab_size=FLAGS.vocab_size, n_embd=FLAGS.n_embd, n_layer=FLAGS.n_layer,
+    config = transformers.GPT2Config(vocab_size=vocab, n_embd=FLAGS.n_embd, n_layer=FLAGS.n_layer,
                                      n_head=FLAGS.n_head, n_positions=max(FLAGS.seq_len, 128), resid_pdrop=0.0,
                                      embd_pdrop=0.0, attn_pdrop=0.0)
     transformers.FlaxGPT2LMHeadModel(config, seed=FLAGS.seed).save_pretrained(os.path.join(workdir, "model"))
     rng = np.random.default_rng(FLAGS.seed + 1)
-    tokens = {name: rng.integers(0, FLAGS.vocab_size, size=(n, FLAGS.seq_len)).astype(np.int32)
+    tokens = {name: rng.integers(0, vocab, size=(n, FLAGS.seq_len)).astype(np.int32)
               for name, n in (("train", FLAGS.n_train), ("query", FLAGS.n_query))}
     np.savez(os.path.join(workdir, "tokens.npz"), **tokens)
 
@@ -90,15 +107,31 @@ def _batches(ids, batch_size: int) -> list:
 
 
 def _rss_mib() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _peak_mib() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _timed(fn) -> tuple:
+    """(fn(), wall seconds, CPU seconds of this process: user + system over all its threads)."""
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    out = fn()
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    return out, wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+def _repeat(label: str, fn) -> tuple:
+    """One cold and --warm_repeats warm runs of fn: (last output, [{"wall_s", "cpu_s"}, ...]; index 0 is cold)."""
+    runs, out = [], None
+    for r in range(1 + FLAGS.warm_repeats):
+        out, wall, cpu = _timed(fn)
+        runs.append({"wall_s": wall, "cpu_s": cpu})
+        print(f"{FLAGS._side} {label} {'cold' if r == 0 else 'warm'}: {wall:.2f} s wall, {cpu:.2f} s CPU",
+              flush=True)
+    return out, runs
 
 
 # --------------------------------------------------------------------------------------------------- jaxinf
@@ -108,7 +141,10 @@ def run_jaxinf(workdir: str) -> dict:
     import numpy as np
     import transformers
 
-    from jaxinf.curvature import capture
+    from jaxinf.attribution import contracted
+    from jaxinf.curvature import capture, kfac
+    from jaxinf.ihvp.damping import relative
+    from jaxinf.ihvp.ekfac import ekfac
     from jaxinf.models import LMFunctions
     from jaxinf.models.causal_lm import CausalLM
 
@@ -124,15 +160,68 @@ def run_jaxinf(workdir: str) -> dict:
         fns = LMFunctions(model)
         tokens = np.load(os.path.join(workdir, "tokens.npz"))
         train = [jax.tree.map(jnp.asarray, b) for b in _batches(tokens["train"], FLAGS.batch_size)]
-        query = [jax.tree.map(jnp.asarray, b) for b in _batches(tokens["query"], FLAGS.batch_size)]
         layers = capture.lm_layers(fns, params)
+        solver = ekfac(relative(FLAGS.damping))
         rss_before = _rss_mib()
-        fits, scores_runs, _, scores = bench_ekfac.measure(
-            fns, params, train, query, layers=layers, damping=FLAGS.damping, fit_repeats=FLAGS.fit_repeats,
-            score_repeats=FLAGS.score_repeats)
-    return {"layers": [l.name for l in layers], "fit_s": [f["total_s"] for f in fits],
-            "score_s": [s["total_s"] for s in scores_runs], "rss_before_fit_mib": rss_before,
-            "peak_rss_mib": _peak_mib(), "scores": np.asarray(scores, np.float64)}
+
+        stages = {}
+
+        def fit():
+            factors = kfac.fit_factors(fns, params, train, layers=layers, timings=stages)
+            return jax.block_until_ready(solver.fit(factors, params))
+
+        state, fits = _repeat("fit", fit)
+        peak_after_fit = _peak_mib()
+        scores, score_runs = {}, {}
+        for setting in FLAGS.query_batch_sizes:
+            query = [jax.tree.map(jnp.asarray, b) for b in _batches(tokens["query"], _query_batch(setting))]
+            scores[setting], score_runs[setting] = _repeat(
+                f"score (query batch {setting})",
+                lambda: contracted.pairwise_scores(fns, params, query, train, solver, state,
+                                                   query_batches_per_pass=1))
+        peak = _peak_mib()  # before the profile's own arrays
+        profile = dict(fit_stages_s=dict(stages), **profile_passes(fns, params, train, layers))
+    return {"layers": [l.name for l in layers], "fit": fits, "score": score_runs, "rss_before_fit_mib": rss_before,
+            "peak_rss_after_fit_mib": peak_after_fit, "peak_rss_mib": peak,
+            "scores": {k: np.asarray(v, np.float64) for k, v in scores.items()},
+            "profile": profile, "jax": jax.__version__}
+
+
+def profile_passes(fns, params, train, layers) -> dict:
+    """Warm wall seconds, summed over the training batches, of the parts every EK-FAC pass is made of:
+    the forward loss alone; a capture (forward + backward to the zero taps, no statistic); the untracked output
+    layer's two matmuls of that capture (logits = h W_vocab and the cotangent of h, dlogits W_vocab^T). A pass's
+    time minus the capture's is its statistics (covariance einsums, eigenbasis rotations, score contractions)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinf.curvature import capture
+
+    forward = jax.jit(lambda p, b: jnp.sum(fns.per_example_loss(p, b)))
+    tap_pass = jax.jit(lambda p, b: sum(jnp.sum(g[..., :1]) for _, g in
+                                        capture.capture_with_losses(fns, p, b, layers)[0].values()))
+    head = fns.model.params["transformer"]["wte"]["embedding"]  # GPT-2's tied head [V, d]
+
+    @jax.jit
+    def head_matmuls(h, dlogits, w):
+        return jnp.sum(h @ w.T) + jnp.sum(dlogits @ w)
+
+    def total(fn, args_per_batch) -> float:
+        for args in args_per_batch[:1]:
+            jax.block_until_ready(fn(*args))  # compile
+        start = time.perf_counter()
+        for args in args_per_batch:
+            jax.block_until_ready(fn(*args))
+        return time.perf_counter() - start
+
+    key = jax.random.key(0)
+    tokens = train[0]["input_ids"].size  # every batch has this shape here
+    one = (jax.random.normal(key, (tokens, head.shape[1]), head.dtype),
+           jax.random.normal(key, (tokens, head.shape[0]), head.dtype), head)
+    head_args = [one] * len(train)
+    return {"forward_s": total(forward, [(params, b) for b in train]),
+            "capture_s": total(tap_pass, [(params, b) for b in train]),
+            "output_layer_matmuls_s": total(head_matmuls, head_args)}
 
 
 # ---------------------------------------------------------------------------------------------- kronfluence
@@ -159,11 +248,10 @@ def run_kronfluence(workdir: str) -> dict:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
-
-    torch.set_num_threads(FLAGS.threads)
-    dtype = {"float32": torch.float32, "float64": torch.float64}[FLAGS.precision]
     from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model
 
+    torch.set_num_threads(FLAGS._threads)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[FLAGS.precision]
     path = os.path.join(workdir, "model")
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config.from_pretrained(path))
     model = load_flax_checkpoint_in_pytorch_model(model, os.path.join(path, "flax_model.msgpack"))
@@ -210,7 +298,7 @@ def run_kronfluence(workdir: str) -> dict:
     task = LMTask()
     model = prepare_model(model, task)
     analyzer = Analyzer(analysis_name="bench", model=model, task=task, cpu=True, disable_tqdm=True,
-                        output_dir=os.path.join(workdir, "kronfluence"))
+                        output_dir=os.path.join(workdir, f"kronfluence-{os.getpid()}"))
     factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True, covariance_max_examples=None,
                                   lambda_max_examples=None, activation_covariance_dtype=dtype,
                                   gradient_covariance_dtype=dtype, eigendecomposition_dtype=torch.float64,
@@ -218,34 +306,62 @@ def run_kronfluence(workdir: str) -> dict:
     score_args = ScoreArguments(damping_factor=None, score_dtype=dtype, per_sample_gradient_dtype=dtype,
                                 precondition_dtype=dtype)
     rss_before = _rss_mib()
-    fits, scores_s = [], []
-    for _ in range(FLAGS.fit_repeats):
-        start = time.perf_counter()
-        analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=FLAGS.batch_size,
-                                 factor_args=factor_args, overwrite_output_dir=True)
-        fits.append(time.perf_counter() - start)
-        print(f"kronfluence fit {fits[-1]:.2f} s", flush=True)
-    for _ in range(FLAGS.score_repeats):
-        start = time.perf_counter()
-        analyzer.compute_pairwise_scores(scores_name="scores", factors_name="ekfac", query_dataset=query,
-                                         train_dataset=train, per_device_query_batch_size=FLAGS.batch_size,
-                                         per_device_train_batch_size=FLAGS.batch_size, score_args=score_args,
-                                         overwrite_output_dir=True)
-        scores_s.append(time.perf_counter() - start)
-        print(f"kronfluence score {scores_s[-1]:.2f} s", flush=True)
-    scores = analyzer.load_pairwise_scores("scores")["all_modules"].double().numpy()
-    return {"layers": tracked, "fit_s": fits, "score_s": scores_s, "rss_before_fit_mib": rss_before,
-            "peak_rss_mib": _peak_mib(), "scores": scores, "torch": torch.__version__}
+    _, fits = _repeat("fit", lambda: analyzer.fit_all_factors(
+        factors_name="ekfac", dataset=train, per_device_batch_size=FLAGS.batch_size, factor_args=factor_args,
+        overwrite_output_dir=True))
+    peak_after_fit = _peak_mib()
+    scores, score_runs = {}, {}
+    for setting in FLAGS.query_batch_sizes:
+        def score():
+            analyzer.compute_pairwise_scores(
+                scores_name="scores", factors_name="ekfac", query_dataset=query, train_dataset=train,
+                per_device_query_batch_size=_query_batch(setting), per_device_train_batch_size=FLAGS.batch_size,
+                score_args=score_args, overwrite_output_dir=True)
+            return analyzer.load_pairwise_scores("scores")["all_modules"].double().numpy()
+
+        scores[setting], score_runs[setting] = _repeat(f"score (query batch {setting})", score)
+    return {"layers": tracked, "fit": fits, "score": score_runs, "rss_before_fit_mib": rss_before,
+            "peak_rss_after_fit_mib": peak_after_fit, "peak_rss_mib": _peak_mib(), "scores": scores, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
 
 
 # ------------------------------------------------------------------------------------------------------ main
 def _side_main() -> None:
     import numpy as np
 
+    affinity = sorted(os.sched_getaffinity(0))
+    if len(affinity) != FLAGS._threads:
+        raise RuntimeError(f"side process pinned to cores {affinity}, expected {FLAGS._threads}")
     out = {"jaxinf": run_jaxinf, "kronfluence": run_kronfluence}[FLAGS._side](FLAGS._workdir)
-    np.save(FLAGS._side_out + ".scores.npy", out.pop("scores"))
+    np.savez(FLAGS._side_out + ".scores.npz", **out.pop("scores"))
+    out["affinity"] = affinity
     with open(FLAGS._side_out, "w") as f:
         json.dump(out, f)
+
+
+def _run_side(side: str, workdir: str, vocab: int, cores: int, tag: str) -> tuple[dict, dict]:
+    """One side in a fresh subprocess pinned to cores 0..cores-1: (its results, its score matrices)."""
+    import numpy as np
+
+    side_out = os.path.join(workdir, f"{side}-{tag}.json")
+    cmd = [sys.executable, "-m", "experiments.bench_kronfluence", f"--_side={side}", f"--_side_out={side_out}",
+           f"--_workdir={workdir}", f"--_vocab={vocab}", f"--_threads={cores}",
+           "--query_batch_sizes=" + ",".join(FLAGS.query_batch_sizes)]
+    cmd += [f"--{k}={FLAGS[k].value}" for k in _WORKLOAD_FLAGS]
+    n = str(cores)
+    # torch only where it is used: jaxinf sets USE_TORCH=0 (transformers would import torch, ~0.5 GB)
+    env = dict(os.environ, JAXINF_COMPILATION_CACHE="0", USE_TORCH="1" if side == "kronfluence" else "0",
+               OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n)
+    cpus = set(range(cores))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{side} side (vocab {vocab}, {cores} cores) failed:\n{proc.stderr[-4000:]}")
+    with open(side_out) as f:
+        result = json.load(f)
+    with np.load(side_out + ".scores.npz") as z:
+        scores = {k: z[k] for k in z.files}
+    return result, scores
 
 
 def _compare(a, b) -> dict:
@@ -254,8 +370,40 @@ def _compare(a, b) -> dict:
 
     rho = [scipy.stats.spearmanr(x, y).statistic for x, y in zip(a, b)]
     return {"pearson": float(np.corrcoef(a.ravel(), b.ravel())[0, 1]), "mean_query_spearman": float(np.mean(rho)),
-            "max_abs_diff_over_max_abs": float(np.max(np.abs(a - b)) / np.max(np.abs(b))),
-            "scale_ratio": float(np.linalg.norm(a) / np.linalg.norm(b))}
+            "max_abs_diff_over_max_abs": float(np.max(np.abs(a - b)) / np.max(np.abs(b)))}
+
+
+def _warm(runs_by_process: list) -> dict:
+    """Median warm wall time, median warm CPU/wall, the cold times, over the processes (orders) of one side."""
+    warm = [r for runs in runs_by_process for r in runs[1:]]
+    return {"median_s": statistics.median(r["wall_s"] for r in warm),
+            "cpu_over_wall": statistics.median(r["cpu_s"] / r["wall_s"] for r in warm),
+            "warm_s": [r["wall_s"] for r in warm], "cold_s": [runs[0]["wall_s"] for runs in runs_by_process]}
+
+
+def summarise(processes: dict) -> dict:
+    """Per side: fit and per-query-batch score medians, peak RSS; ratios jaxinf / kronfluence where both ran."""
+    out = {}
+    for side, procs in processes.items():
+        out[side] = {"fit": _warm([p["fit"] for p in procs]),
+                     "score": {s: _warm([p["score"][s] for p in procs]) for s in FLAGS.query_batch_sizes},
+                     "peak_rss_mib": max(p["peak_rss_mib"] for p in procs),
+                     "rss_before_fit_mib": max(p["rss_before_fit_mib"] for p in procs),
+                     "peak_rss_after_fit_mib": max(p["peak_rss_after_fit_mib"] for p in procs),
+                     "affinity": procs[0]["affinity"], "layers": len(procs[0]["layers"]),
+                     **{k: procs[0][k] for k in ("jax", "torch", "torch_threads", "profile") if k in procs[0]}}
+    if len(out) == 2:
+        j, k = out["jaxinf"], out["kronfluence"]
+        ratios = {"fit": j["fit"]["median_s"] / k["fit"]["median_s"],
+                  "peak_rss": j["peak_rss_mib"] / k["peak_rss_mib"],
+                  "peak_rss_above_setup": (j["peak_rss_mib"] - j["rss_before_fit_mib"]) /
+                                          (k["peak_rss_mib"] - k["rss_before_fit_mib"])}
+        for s in FLAGS.query_batch_sizes:
+            ratios[f"score[{s}]"] = j["score"][s]["median_s"] / k["score"][s]["median_s"]
+            ratios[f"fit_plus_score[{s}]"] = ((j["fit"]["median_s"] + j["score"][s]["median_s"]) /
+                                              (k["fit"]["median_s"] + k["score"][s]["median_s"]))
+        out["ratios_jaxinf_over_kronfluence"] = ratios
+    return out
 
 
 def main(argv):
@@ -270,6 +418,16 @@ def main(argv):
     if "kronfluence" in FLAGS.sides and FLAGS.damping != 0.1:
         raise app.UsageError(f"--damping={FLAGS.damping}: kronfluence's relative damping is fixed at 0.1 x the mean "
                              "eigenvalue (HEURISTIC_DAMPING_SCALE); use --damping=0.1 or --sides=jaxinf")
+    available = len(os.sched_getaffinity(0))
+    try:
+        cores = [int(c) for c in FLAGS.cores]
+        vocabs = [int(v) for v in FLAGS.vocab_sizes]
+        [_query_batch(s) for s in FLAGS.query_batch_sizes]
+    except ValueError as err:
+        raise app.UsageError(f"--cores, --vocab_sizes, --query_batch_sizes: {err} (integers; 'all' for a query "
+                             "batch of every query)") from None
+    if max(cores) > available or min(cores) < 1:
+        raise app.UsageError(f"--cores={FLAGS.cores}: this process may use {available} cores")
     if "kronfluence" in FLAGS.sides:
         try:
             import kronfluence  # noqa: F401
@@ -279,49 +437,41 @@ def main(argv):
                                  "(or pip install kronfluence), or run --sides=jaxinf") from err
     import numpy as np
 
-    flag_args = [f"--{k}={FLAGS[k].value}" for k in ("n_layer", "n_embd", "n_head", "vocab_size", "n_train",
-                                                      "n_query", "seq_len", "batch_size", "damping", "precision",
-                                                      "fit_repeats", "score_repeats", "threads", "seed")]
-    sides, scores = {}, {}
-    with tempfile.TemporaryDirectory() as workdir:
-        make_workload(workdir)
-        for side in FLAGS.sides:
-            side_out = os.path.join(workdir, f"{side}.json")
-            cmd = [sys.executable, "-m", "experiments.bench_kronfluence", f"--_side={side}",
-                   f"--_side_out={side_out}", f"--_workdir={workdir}"] + flag_args
-            # torch only where it is used: jaxinf sets USE_TORCH=0 (transformers would import torch, ~0.5 GB)
-            env = dict(os.environ, JAXINF_COMPILATION_CACHE="0", USE_TORCH="1" if side == "kronfluence" else "0",
-                       **_thread_env(FLAGS.threads))
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{side} side failed:\n{proc.stderr[-4000:]}")
-            with open(side_out) as f:
-                sides[side] = json.load(f)
-            scores[side] = np.load(side_out + ".scores.npy")
-            print(f"{side}: fit {sides[side]['fit_s']} s, score {sides[side]['score_s']} s, "
-                  f"peak RSS {sides[side]['peak_rss_mib']:.0f} MiB", flush=True)
-    result = {"config": {k: FLAGS[k].value for k in ("n_layer", "n_embd", "n_head", "vocab_size", "n_train",
-                                                      "n_query", "seq_len", "batch_size", "damping", "precision",
-                                                      "fit_repeats", "score_repeats", "threads", "seed")},
-              "command": "python -m experiments.bench_kronfluence " + " ".join(flag_args),
-              "cpus": os.cpu_count(), "load_average": list(os.getloadavg()), "sides": sides}
-    if len(sides) == 2:
-        j, k = sides["jaxinf"], sides["kronfluence"]
-        result["ratios_jaxinf_over_kronfluence"] = {
-            "fit_warm": j["fit_s"][-1] / k["fit_s"][-1], "score_warm": j["score_s"][-1] / k["score_s"][-1],
-            "fit_plus_score_warm": (j["fit_s"][-1] + j["score_s"][-1]) / (k["fit_s"][-1] + k["score_s"][-1]),
-            "peak_rss": j["peak_rss_mib"] / k["peak_rss_mib"],
-            "peak_rss_above_setup": (j["peak_rss_mib"] - j["rss_before_fit_mib"]) /
-                                    (k["peak_rss_mib"] - k["rss_before_fit_mib"])}
-        result["agreement"] = _compare(scores["jaxinf"], scores["kronfluence"])
-    existing = {}
-    if os.path.exists(FLAGS.out):
-        with open(FLAGS.out) as f:
-            existing = json.load(f)
-    c = result["config"]
-    existing[f"gpt2-{c['n_layer']}x{c['n_embd']}/{c['n_train']}x{c['n_query']}x{c['seq_len']}/{c['precision']}"] = result
-    recipes.write_json(FLAGS.out, existing)
-    print(json.dumps({k: v for k, v in result.items() if k != "sides"}, indent=1))
+    orders = [list(FLAGS.sides)] + ([list(reversed(FLAGS.sides))] if FLAGS.orders == "both" and
+                                    len(FLAGS.sides) == 2 else [])
+    command = "python -m experiments.bench_kronfluence " + " ".join(
+        [f"--{k}={FLAGS[k].value}" for k in _WORKLOAD_FLAGS] +
+        [f"--{k}={','.join(map(str, FLAGS[k].value))}" for k in ("sides", "vocab_sizes", "cores",
+                                                                  "query_batch_sizes")] + [f"--orders={FLAGS.orders}"])
+    settings = {}
+    load_start = list(os.getloadavg())
+    for vocab in vocabs:
+        with tempfile.TemporaryDirectory() as workdir:
+            make_workload(workdir, vocab)
+            for c in cores:
+                processes, scores = {s: [] for s in FLAGS.sides}, {}
+                for o, order in enumerate(orders):
+                    for side in order:
+                        result, side_scores = _run_side(side, workdir, vocab, c, f"{c}-{o}")
+                        processes[side].append(result)
+                        scores.setdefault(side, side_scores)  # the first order's matrices
+                        print(f"vocab {vocab}, {c} core(s), order {order}: {side} fit "
+                              f"{[round(r['wall_s'], 2) for r in result['fit']]} s", flush=True)
+                summary = summarise(processes)
+                if len(scores) == 2:
+                    summary["agreement"] = {s: _compare(scores["jaxinf"][s], scores["kronfluence"][s])
+                                            for s in FLAGS.query_batch_sizes}
+                settings[f"vocab={vocab}/cores={c}"] = summary
+                if "ratios_jaxinf_over_kronfluence" in summary:
+                    print(f"vocab {vocab}, {c} core(s): " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in summary["ratios_jaxinf_over_kronfluence"].items()), flush=True)
+    result = {"command": command, "workload": {k: FLAGS[k].value for k in _WORKLOAD_FLAGS},
+              "orders": orders, "host": {"cpus": os.cpu_count(), "affinity_available": available,
+                                         "load_average_start_end": [load_start, list(os.getloadavg())]},
+              "settings": settings}
+    recipes.write_json(FLAGS.out, result)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk in ("ratios_jaxinf_over_kronfluence", "agreement")}
+                      for k, v in settings.items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -86,25 +86,29 @@ def test_bench_compile_cache_tiny(tmp_path):
     assert np.isfinite(result["warm_over_cold"])
 
 
-_KF_TOY = ["--n_layer=2", "--n_embd=32", "--n_head=4", "--vocab_size=128", "--n_train=8", "--n_query=4",
-           "--seq_len=16", "--batch_size=4", "--fit_repeats=1", "--score_repeats=1"]
+_KF_TOY = ["--n_layer=2", "--n_embd=32", "--n_head=4", "--vocab_sizes=128", "--n_train=8", "--n_query=4",
+           "--seq_len=16", "--batch_size=4", "--warm_repeats=1", "--cores=1", "--query_batch_sizes=all,2"]
 
 
 @pytest.mark.slow
 def test_bench_kronfluence_jaxinf_half_toy(tmp_path):
     out = tmp_path / "kf.json"
     _run(["experiments.bench_kronfluence", "--sides=jaxinf", f"--out={out}"] + _KF_TOY, tmp_path)
-    (result,) = json.loads(out.read_text()).values()
-    side = result["sides"]["jaxinf"]
-    assert len(side["layers"]) == 8 and side["fit_s"][0] > 0 and side["score_s"][0] > 0
+    side = json.loads(out.read_text())["settings"]["vocab=128/cores=1"]["jaxinf"]
+    assert side["affinity"] == [0] and side["layers"] == 8  # pinned to one core; 4 linear layers per block
+    assert side["fit"]["median_s"] > 0 and len(side["fit"]["warm_s"]) == 1 and len(side["fit"]["cold_s"]) == 1
+    assert set(side["score"]) == {"all", "2"} and 0 < side["fit"]["cpu_over_wall"] < 1.5
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("kronfluence") is None, reason="kronfluence not installed (extra: bench)")
 def test_bench_kronfluence_agrees_in_float64(tmp_path):
     out = tmp_path / "kf.json"
-    _run(["experiments.bench_kronfluence", "--precision=float64", f"--out={out}"] + _KF_TOY, tmp_path)
-    (result,) = json.loads(out.read_text()).values()
-    agreement = result["agreement"]
-    assert agreement["max_abs_diff_over_max_abs"] < 1e-8, agreement  # same maths: equal to float64 rounding
-    assert result["ratios_jaxinf_over_kronfluence"]["fit_warm"] > 0
+    _run(["experiments.bench_kronfluence", "--precision=float64", "--orders=jaxinf_first", f"--out={out}"] + _KF_TOY,
+         tmp_path)
+    setting = json.loads(out.read_text())["settings"]["vocab=128/cores=1"]
+    for query_batch in ("all", "2"):  # same maths: equal to float64 rounding, with either query batching
+        agreement = setting["agreement"][query_batch]
+        assert agreement["max_abs_diff_over_max_abs"] < 1e-8, agreement
+    assert setting["kronfluence"]["torch_threads"] == 1 and setting["kronfluence"]["affinity"] == [0]
+    assert setting["ratios_jaxinf_over_kronfluence"]["fit"] > 0
