@@ -120,6 +120,15 @@ def test_loss_is_mean_of_masked_token_nll():
         np.testing.assert_allclose(np.asarray(fns.per_example_loss(model.params, batch)), expected, rtol=1e-10)
         np.testing.assert_allclose(float(fns.loss(model.params, batch)), np.mean(expected), rtol=1e-10)
         assert token_nll(jnp.asarray(logits), batch["input_ids"]).shape == ids.shape
+        # its gradient in the logits: softmax(z_{t-1}) - onehot(x_t) at each position t-1 that predicts a token
+        grad = np.asarray(jax.grad(lambda z: token_nll(z, batch["input_ids"]).sum())(jnp.asarray(logits)))
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        expected_grad = p / p.sum(-1, keepdims=True)
+        expected_grad[:, -1] = 0.0
+        for b in range(ids.shape[0]):
+            for t in range(1, ids.shape[1]):
+                expected_grad[b, t - 1, ids[b, t]] -= 1.0
+        np.testing.assert_allclose(grad, expected_grad, atol=1e-12)
 
 
 def test_per_example_grads_match_individual_grads():

@@ -27,11 +27,16 @@ Batch = dict
 
 
 def token_nll(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
-    """-log p(x_t | x_<t) for t = 1..T-1, padded with 0 at t = 0: shape [B, T], computed in float32 or wider."""
+    """-log p(x_t | x_<t) for t = 1..T-1, padded with 0 at t = 0: shape [B, T], computed in float32 or wider.
+
+    As logsumexp_v z_{t-1, v} - z_{t-1, x_t} over the logits z, so no [B, T, V] array of log-probabilities is
+    formed (or kept for the backward pass, whose softmax is recomputed from z): one vocabulary-sized buffer fewer
+    in every gradient of the loss."""
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(dtype), axis=-1)
-    nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
-    return jnp.pad(nll, ((0, 0), (1, 0)))
+    z = logits.astype(dtype)
+    targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))  # position t predicts token t + 1 (last: unused)
+    nll = jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    return jnp.pad(nll[:, :-1], ((0, 0), (1, 0)))
 
 
 def masked_mean_nll(logits: jax.Array, batch: Batch) -> jax.Array:
