@@ -45,11 +45,6 @@ def config_of(settings: dict) -> pipeline.StudyConfig:
     return pipeline.config_from_flags({k: v for k, v in settings.items() if k in pipeline.FLAG_FIELDS})
 
 
-def data_options(settings: dict) -> dict:
-    """The data options of `settings` that differ from their defaults (what guards a fine-tuning's workdir)."""
-    return {k: settings[k] for k in DATA_OPTIONS if settings.get(k, DATA_OPTIONS[k]) != DATA_OPTIONS[k]}
-
-
 def prepare(settings: dict, workdir: str, *, test_gradients: bool = True, model=None) -> pipeline.Prepared:
     """`jaxinf.pipeline.prepare` for a workdir's flat settings (keys of DEFAULT_SETTINGS and STUDY_OPTIONS)."""
     return pipeline.prepare(config_of(dict(DEFAULT_SETTINGS, **settings)), workdir,

@@ -19,7 +19,6 @@ the binary already defined is left alone). Flags left at None take the binary's 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Optional
 
 from absl import app, flags
@@ -75,29 +74,19 @@ def define_data_flags(flag_values: flags.FlagValues = flags.FLAGS, *, data: str 
             defs[name]()
 
 
-def _limit(value: Optional[int], default: Optional[int]) -> Optional[int]:
-    if value is None:
-        return default
-    if value < 0:
-        raise app.UsageError(f"--limit_train/--limit_test={value} must be >= 0 (0 = all rows)")
-    return None if value == 0 else value
-
-
 def task_config_from_flags(flag_values: flags.FlagValues = flags.FLAGS, *, seed: int = 0,
                            template: str = "chat", max_length: int = 128, limit_train: Optional[int] = None,
                            limit_test: Optional[int] = None) -> recipes.TaskConfig:
-    """A TaskConfig from the data flags; keyword arguments are the defaults of flags left at None."""
+    """A TaskConfig from the data flags (`jaxinf.pipeline.DataConfig`, its checks); keyword arguments are the
+    defaults of flags left at None."""
+    from jaxinf.pipeline import DataConfig
+
     f = flag_values
-    if f.test_fraction is not None and not 0.0 < f.test_fraction < 1.0:
-        raise app.UsageError(f"--test_fraction={f.test_fraction} must lie strictly between 0 and 1 (e.g. 0.2)")
-    if f.max_length is not None and f.max_length < 2:
-        raise app.UsageError(f"--max_length={f.max_length} must be at least 2 tokens")
-    return recipes.TaskConfig(
-        source=f.data, template=f.template or template, max_length=f.max_length or max_length,
-        loss_on=f.loss_on, limit_train=_limit(f.limit_train, limit_train),
-        limit_test=_limit(f.limit_test, limit_test), seed=seed, prompt_column=f.prompt_column,
-        response_column=f.response_column, group_column=f.group_column, test_data=f.test_data,
-        test_fraction=f.test_fraction, allow_overlap=f.allow_overlap)
+    data = DataConfig(source=f.data, **{k: f[k].value for k in DATA_FLAGS if k != "data"})
+    with user_errors():
+        data.validate()
+    return data.task(seed=seed, template=template, max_length=max_length, limit_train=limit_train,
+                     limit_test=limit_test)
 
 
 def data_settings(config: recipes.TaskConfig) -> dict:

@@ -58,6 +58,28 @@ class DataConfig:
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
 
+    def validate(self) -> "DataConfig":
+        """Raise ValueError (one line: the field and the fix) for options no split could use; returns self."""
+        if self.test_fraction is not None and not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction={self.test_fraction} must lie strictly between 0 and 1 (e.g. 0.2)")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length} must be at least 2 tokens")
+        for name in ("limit_train", "limit_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = all rows)")
+        return self
+
+    def task(self, *, seed: int, template: str, max_length: int, limit_train: Optional[int],
+             limit_test: Optional[int]) -> recipes.TaskConfig:
+        """The TaskConfig of these options, the keyword arguments standing in for options left at None (a
+        limit of 0 = all rows)."""
+        return recipes.TaskConfig(
+            source=self.source, template=self.template or template, max_length=self.max_length or max_length,
+            loss_on=self.loss_on, limit_train=_limit(self.limit_train, limit_train),
+            limit_test=_limit(self.limit_test, limit_test), seed=seed, prompt_column=self.prompt_column,
+            response_column=self.response_column, group_column=self.group_column, test_data=self.test_data,
+            test_fraction=self.test_fraction, allow_overlap=self.allow_overlap)
+
 
 @dataclasses.dataclass(frozen=True)
 class GroundTruthSettings:
@@ -134,14 +156,7 @@ class StudyConfig:
         unknown = [k for k in self.ground_truth.kinds if k not in gt_study.KINDS]
         if unknown:
             raise ValueError(f"ground_truth: unknown {unknown}; choose from {list(gt_study.KINDS)}")
-        d = self.data
-        if d.test_fraction is not None and not 0.0 < d.test_fraction < 1.0:
-            raise ValueError(f"test_fraction={d.test_fraction} must lie strictly between 0 and 1 (e.g. 0.2)")
-        if d.max_length is not None and d.max_length < 2:
-            raise ValueError(f"max_length={d.max_length} must be at least 2 tokens")
-        for name in ("limit_train", "limit_test"):
-            if getattr(d, name) is not None and getattr(d, name) < 0:
-                raise ValueError(f"{name}={getattr(d, name)} must be >= 0 (0 = all rows)")
+        self.data.validate()
         sharding.parse_mesh(self.mesh)
         return self
 
@@ -153,7 +168,7 @@ def _from_dict(cls, d: dict, where: str):
         raise ValueError(f"{where}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
     out = {}
     for name, value in d.items():
-        default = getattr(cls(), name) if name in fields else None
+        default = getattr(cls(), name)
         if dataclasses.is_dataclass(default):
             value = _from_dict(type(default), value, f"{where}.{name}")
         elif isinstance(default, tuple):
@@ -283,13 +298,9 @@ def _limit(value, preset_value):
 
 def task_config(config: StudyConfig) -> recipes.TaskConfig:
     """The rows and tokens of a study: the data config with the preset's template, length and limits filled in."""
-    preset, d = study.PRESETS[config.preset], config.data
-    return recipes.TaskConfig(
-        source=d.source, template=d.template or preset.template, max_length=d.max_length or preset.max_length,
-        loss_on=d.loss_on, limit_train=_limit(d.limit_train, preset.limit_train),
-        limit_test=_limit(d.limit_test, preset.limit_test), seed=config.seed, prompt_column=d.prompt_column,
-        response_column=d.response_column, group_column=d.group_column, test_data=d.test_data,
-        test_fraction=d.test_fraction, allow_overlap=d.allow_overlap)
+    preset = study.PRESETS[config.preset]
+    return config.data.task(seed=config.seed, template=preset.template, max_length=preset.max_length,
+                            limit_train=preset.limit_train, limit_test=preset.limit_test)
 
 
 def load_study_model(config: StudyConfig, mesh=None):
