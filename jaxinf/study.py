@@ -117,9 +117,9 @@ class StudyInputs:
     damping_scope: str = "global"
     curvature: str = "fisher"
     mesh: Any = None  # jaxinf.sharding device mesh for the K-FAC passes (None: one device)
-    _fisher: Any = None
-    _kfac: Any = None
-    _cache: dict = dataclasses.field(default_factory=dict)  # shared by dataclasses.replace (a damping sweep)
+    # values derived from the training data (curvatures, traces, K-FAC factors, fitted solver states), shared by
+    # dataclasses.replace copies (a damping sweep, the report's queries); see `_derived`
+    _cache: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.damping_scope not in DAMPING_SCOPES:
@@ -132,22 +132,35 @@ class StudyInputs:
         if self.damping is None:
             self.damping = float(self.preset.damping)
 
+    def _derived(self) -> dict:
+        """The store of values derived from this copy's training rows and gradients: the same dict for every
+        replace() copy that holds the same (identical) objects, a fresh one for a copy with other training data,
+        so nothing fitted on one training set is ever used for another."""
+        for train, grads, store in self._cache.setdefault("by_training_data", []):
+            if train is self.train and grads is self.train_grads:
+                return store
+        store = {}
+        self._cache["by_training_data"].append((self.train, self.train_grads, store))
+        return store
+
     @property
     def kfac_factors(self):
         """K-FAC factors and EK-FAC eigenvalues of the training rows (empirical Fisher), fitted once, resumable."""
-        if self._kfac is None:
+        store = self._derived()
+        if "kfac" not in store:
             from jaxinf.data import batches
 
-            self._kfac = fit_factors(self.fns, self.adapters, list(batches(self.train, self.preset.grad_chunk)),
-                                     correct=True, directory=os.path.join(os.path.dirname(self.workdir), "kfac_factors"),
-                                     progress=True, mesh=self.mesh)
-        return self._kfac
+            store["kfac"] = fit_factors(
+                self.fns, self.adapters, list(batches(self.train, self.preset.grad_chunk)), correct=True,
+                directory=os.path.join(os.path.dirname(self.workdir), "kfac_factors"), progress=True, mesh=self.mesh)
+        return store["kfac"]
 
     @property
     def fisher(self):
-        if self._fisher is None:
-            self._fisher = gradient_fisher_operator(self.train_grads)
-        return self._fisher
+        store = self._derived()
+        if "fisher" not in store:
+            store["fisher"] = gradient_fisher_operator(self.train_grads)
+        return store["fisher"]
 
     # ---- curvature and damping ---------------------------------------------------------------------------------
 
@@ -160,7 +173,7 @@ class StudyInputs:
     def model_operator(self):
         """The GGN or Hessian of the mean training loss over all N training rows (B equal batches)."""
         key = ("model_operator", self.curvature)
-        if key not in self._cache:
+        if key not in self._derived():
             from jaxinf.analysis import model_operator
             from jaxinf.data import batches
 
@@ -168,23 +181,23 @@ class StudyInputs:
             size = max(d for d in range(1, min(self.preset.grad_chunk, n) + 1) if n % d == 0)
             bs = [{k: jax.numpy.asarray(b[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
                   for b in batches(self.train, size)]
-            self._cache[key] = model_operator(self.curvature, self.fns, self.adapters, bs)
-        return self._cache[key]
+            self._derived()[key] = model_operator(self.curvature, self.fns, self.adapters, bs)
+        return self._derived()[key]
 
     @property
     def model_spectrum(self):
         """(eigenvalues, eigenvectors) in float64 of the dense model curvature, or None above DENSE_MAX_DIM."""
         key = ("model_spectrum", self.curvature)
-        if key not in self._cache:
+        if key not in self._derived():
             op = self.model_operator
             if op.dim > DENSE_MAX_DIM:
-                self._cache[key] = None
+                self._derived()[key] = None
             else:
                 from jaxinf.curvature.dense import dense_matrix
 
                 mat = np.asarray(dense_matrix(op), np.float64)
-                self._cache[key] = np.linalg.eigh(0.5 * (mat + mat.T))
-        return self._cache[key]
+                self._derived()[key] = np.linalg.eigh(0.5 * (mat + mat.T))
+        return self._derived()[key]
 
     @property
     def solver_operator(self):
@@ -197,29 +210,29 @@ class StudyInputs:
         if self.model_spectrum is None:
             return self.model_operator
         key = ("dense_operator", self.curvature)
-        if key not in self._cache:
+        if key not in self._derived():
             from jaxinf.curvature.operators import hessian_operator
 
             w, v = self.model_spectrum
             matrix = jax.numpy.asarray((v * w) @ v.T, jax.tree.leaves(self.adapters)[0].dtype)
-            self._cache[key] = hessian_operator(_quadratic_form, self.adapters, [{"matrix": matrix}])
-        return self._cache[key]
+            self._derived()[key] = hessian_operator(_quadratic_form, self.adapters, [{"matrix": matrix}])
+        return self._derived()[key]
 
     def curvature_trace(self) -> tuple[float, str]:
         """(tr C, how it was computed) of the curvature being inverted."""
         key = ("trace", self.curvature)
-        if key not in self._cache:
+        if key not in self._derived():
             if self.curvature == "fisher":
                 g = _flat(self.train_grads).astype(np.float64)
-                self._cache[key] = (float(np.mean(np.sum(g * g, axis=1))), "exact: mean_n ||g_n||^2")
+                self._derived()[key] = (float(np.mean(np.sum(g * g, axis=1))), "exact: mean_n ||g_n||^2")
             elif self.model_spectrum is not None:
-                self._cache[key] = (float(np.sum(self.model_spectrum[0])), "exact: sum of the dense eigenvalues")
+                self._derived()[key] = (float(np.sum(self.model_spectrum[0])), "exact: sum of the dense eigenvalues")
             else:
                 from jaxinf.curvature.spectrum import hutchinson_trace
 
                 tr = float(hutchinson_trace(self.model_operator, jax.random.key(self.seed), num_probes=64))
-                self._cache[key] = (tr, "Hutchinson, 64 Rademacher probes")
-        return self._cache[key]
+                self._derived()[key] = (tr, "Hutchinson, 64 Rademacher probes")
+        return self._derived()[key]
 
     @property
     def global_lambda(self) -> float:
@@ -255,9 +268,9 @@ class StudyInputs:
 
     def scaled_fisher(self):
         key = ("scaled_fisher", self.damping)
-        if key not in self._cache:
-            self._cache[key] = gradient_fisher_operator(self.scaled(self.train_grads))
-        return self._cache[key]
+        if key not in self._derived():
+            self._derived()[key] = gradient_fisher_operator(self.scaled(self.train_grads))
+        return self._derived()[key]
 
 
 def _flat(tree) -> np.ndarray:
@@ -270,13 +283,12 @@ def _num_params(tree) -> int:
 
 
 def _fitted(inputs: StudyInputs, key: tuple, fit: Callable[[], Any]) -> Any:
-    """A solver state fitted once per run (inputs._cache, shared by dataclasses.replace): the report's queries
-    reuse the state the study's scores were computed with. Reused only for the same training gradients object
-    (a replace() with other training rows fits anew)."""
-    cached = inputs._cache.get(key)
-    if cached is None or cached[0] is not inputs.train_grads:
-        cached = inputs._cache[key] = (inputs.train_grads, fit())
-    return cached[1]
+    """A solver state fitted once per training set (`StudyInputs._derived`): the report's queries reuse the state
+    the study's scores were computed with."""
+    store = inputs._derived()
+    if key not in store:
+        store[key] = fit()
+    return store[key]
 
 
 def _solver_report(name: str, state, info) -> dict:

@@ -1,6 +1,7 @@
 """The report: top/bottom rows against dense float64 oracles, per-token contributions against an independent
 Jacobian, the HTML self-contained, and the page as headless Chromium renders it (skipped without chromium)."""
 
+import dataclasses
 import html as htmlmod
 import os
 import re
@@ -175,3 +176,24 @@ def test_report_renders_in_headless_chromium(env, tmp_path):
     greenish = (img[..., 1] > img[..., 0] + 0.1) & (img[..., 1] > img[..., 2] + 0.1)
     reddish = (img[..., 0] > img[..., 1] + 0.1) & (img[..., 0] > img[..., 2] + 0.1)
     assert greenish.sum() > 50 and reddish.sum() > 50  # both shades are painted
+
+
+def test_the_reports_queries_reuse_the_studys_fitted_solver_state(env):
+    """Values derived from the training data are kept per training set: directions for a few report queries use
+    the state the study's scores were fitted with (no second fit, the same d_q), and a copy with other training
+    rows fits its own (the same directions as a fresh start on those rows, never the first set's Fisher)."""
+    with jax.enable_x64(True):
+        inputs = dataclasses.replace(env.inputs, _cache={})
+        full = study.METHODS["lanczos"].directions(inputs)
+        (key,) = [k for k in inputs._derived() if k[:2] == ("state", "lanczos")]
+        state = inputs._derived()[key]
+        rows = np.array([2, 0])
+        sub = dataclasses.replace(inputs, test=inputs.test.select(rows),
+                                  test_grads=attribution.take_rows(inputs.test_grads, rows))
+        np.testing.assert_allclose(report.method_directions("lanczos", sub), full[rows], rtol=1e-10, atol=1e-12)
+        assert sub._derived()[key] is state
+        other = dataclasses.replace(inputs, train_grads=attribution.take_rows(inputs.train_grads, np.arange(6)))
+        got = report.method_directions("exact_layer", other)
+        fresh = report.method_directions("exact_layer", dataclasses.replace(other, _cache={}))
+        np.testing.assert_allclose(got, fresh, rtol=1e-10, atol=1e-12)
+        assert not np.allclose(got, report.method_directions("exact_layer", inputs), rtol=1e-3)

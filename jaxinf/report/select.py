@@ -39,7 +39,7 @@ def top_bottom(scores: np.ndarray, k: int, *, seed: int = 0) -> tuple[np.ndarray
 
 def method_directions(name: str, inputs: study.StudyInputs) -> Optional[np.ndarray]:
     """d_q [M, D] with score(q, n) = <d_q, g_n> for `inputs.test_grads` (grad_cos: g_q / ||g_q||), or None if the
-    method has no such d. The method's fitted solver state is the study's (`study.StudyInputs._cache`)."""
+    method has no such d. The method's fitted solver state is the study's (`study.StudyInputs._derived`)."""
     return study.METHODS[name].directions(inputs)
 
 
