@@ -66,18 +66,15 @@ def nonfinite_message(row: dict, last_good: Optional[int], workdir: str) -> str:
 
 def report(workdir: str, log: list[dict], init_norm: Optional[float] = None) -> dict:
     """``summarize``, logged (one warning per problem) and written to ``workdir/health.json``; returns it."""
-    import json
     import os
 
     from jaxinf.progress import warn
+    from jaxinf.workdir import write_json
 
     summary = summarize(log, init_norm)
     for message in summary["warnings"]:
         warn(f"training health ({workdir}): {message}")
-    tmp = os.path.join(workdir, "health.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, "health.json"))
+    write_json(os.path.join(workdir, "health.json"), summary)
     return summary
 
 

@@ -35,6 +35,7 @@ from jaxinf.groundtruth import study as gt_study
 from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
 from jaxinf.progress import Stage, log
 from jaxinf.report import tables
+from jaxinf.workdir import guard, write_npz
 
 SETTINGS_FILE = "attribute_config.json"
 
@@ -113,11 +114,13 @@ class ReportConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
-    """One study run. damping: relative values f (empty = the preset's; several = a sweep in one run)."""
+    """One study run. preset: a name in `study.PRESETS` or a `study.Preset` value (sizes, optimiser, solver budgets;
+    `jaxinf.presets.quick(...)` builds one with changes). damping: relative values f (empty = the preset's; several
+    = a sweep in one run)."""
 
     model: str = DEFAULT_MODEL
     data: DataConfig = DataConfig()
-    preset: str = "quick"
+    preset: Any = "quick"
     seed: int = 0
     epochs: Optional[float] = None
     dtype: str = "float32"
@@ -138,10 +141,20 @@ class StudyConfig:
     def from_dict(cls, d: dict) -> "StudyConfig":
         return _from_dict(cls, d, "StudyConfig")
 
+    @property
+    def sizes(self) -> study.Preset:
+        """The preset's values (`study.Preset`), whether it was given by name or as a value."""
+        return study.resolve_preset(self.preset)
+
+    @property
+    def preset_label(self) -> str:
+        """The preset's name, or "custom" for a value that is none of `study.PRESETS`."""
+        name = study.preset_name(self.preset)
+        return name if isinstance(name, str) else "custom"
+
     def validate(self) -> "StudyConfig":
         """Raise ValueError (one line: the field and the fix) for a setting no stage could run; returns self."""
-        if self.preset not in study.PRESETS:
-            raise ValueError(f"preset={self.preset!r}: choose from {list(study.PRESETS)}")
+        study.resolve_preset(self.preset)
         unknown = [m for m in self.methods if m not in study.METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(study.METHODS)}")
@@ -169,7 +182,9 @@ def _from_dict(cls, d: dict, where: str):
     out = {}
     for name, value in d.items():
         default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default):
+        if cls is StudyConfig and name == "preset":
+            value = value if isinstance(value, str) else study.resolve_preset(value)
+        elif dataclasses.is_dataclass(default):
             value = _from_dict(type(default), value, f"{where}.{name}")
         elif isinstance(default, tuple):
             value = tuple(value)
@@ -235,7 +250,7 @@ def workdir_settings(config: StudyConfig) -> dict:
     Data options and the dtype appear only away from their defaults, so older workdirs resume; damping, scope and
     curvature key the score caches instead."""
     d = config.data
-    settings = {"model": config.model, "data": d.source, "preset": config.preset, "seed": config.seed,
+    settings = {"model": config.model, "data": d.source, "preset": study.preset_name(config.preset), "seed": config.seed,
                 "limit_train": d.limit_train, "limit_test": d.limit_test, "epochs": config.epochs,
                 "loss_on": d.loss_on, "repsim_pooling": config.repsim_pooling, "lissa_depth": config.lissa_depth}
     settings.update(data_options(config))
@@ -254,16 +269,9 @@ def data_options(config: StudyConfig) -> dict:
 
 def check_workdir(workdir: str, settings: dict) -> None:
     """Cached stages are only valid for the settings that made them: refuse a mismatch, else record them."""
-    path = os.path.join(workdir, SETTINGS_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if changed:  # a setting added since (absent = its default, None) is no change
-            raise ValueError(f"{workdir} holds results made with other settings {changed} (old, new): "
-                             "use a new workdir")
-    else:
-        recipes.write_json(path, settings)
+    # a setting added since (absent from the file = its default, None) is no change
+    guard(os.path.join(workdir, SETTINGS_FILE), settings, what="results", fix="use a new workdir",
+          absent_is_none=True)
 
 
 # ---------------------------------------------------------------------------------------------------- prepare
@@ -298,7 +306,7 @@ def _limit(value, preset_value):
 
 def task_config(config: StudyConfig) -> recipes.TaskConfig:
     """The rows and tokens of a study: the data config with the preset's template, length and limits filled in."""
-    preset = study.PRESETS[config.preset]
+    preset = config.sizes
     return config.data.task(seed=config.seed, template=preset.template, max_length=preset.max_length,
                             limit_train=preset.limit_train, limit_test=preset.limit_test)
 
@@ -320,38 +328,62 @@ def cached_gradients(fns, adapters, tokenized, path: str, chunk: int, *, desc: s
     else:
         flat = np.asarray(attribution.per_example_gradients(fns, adapters, tokenized, chunk_size=chunk,
                                                             progress=desc, mesh=mesh))
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, grads=flat)
-        os.replace(tmp, path)
+        write_npz(path, grads=flat)
     return attribution.unflatten_rows(flat, adapters, stacked=False)
 
 
-def prepare(config: StudyConfig, workdir: str, *, test_gradients: bool = True, model=None) -> Prepared:
-    """Model, task, LoRA fine-tuning (cached in workdir/finetune), gradients (cached) and `StudyInputs`.
+def study_epochs(config: StudyConfig, task) -> float:
+    """config.epochs, else the preset's (its harmful-data epochs for a task with a "harmful" group)."""
+    preset = config.sizes
+    harmful = "harmful" in set(np.asarray(task.train.groups).tolist())
+    return config.epochs or (preset.epochs_harmful if harmful and preset.epochs_harmful else preset.epochs)
 
-    Fine-tuning: AdamW at the preset's learning rate, batches of min(preset batch, N) rows for `epochs` passes
-    (config.epochs, else the preset's; the preset's harmful-data epochs for a task with a "harmful" group),
-    preset.tracin_checkpoints checkpoints. `test_gradients=False` leaves `inputs.test_grads` None (the caller
-    brings its own queries). `model`: an already loaded model.
+
+def finetune(config: StudyConfig, model, task, workdir: str, *, epochs: Optional[float] = None,
+             checkpoints: Optional[int] = None, mesh=None):
+    """(adapters, training log, TrainConfig, LoraConfig) of the LoRA fine-tuning on `task.train`, cached and
+    resumable in workdir/finetune (its run_config.json guards the settings).
+
+    AdamW at the preset's learning rate, batches of min(preset batch, N) rows for `epochs` passes (default
+    `study_epochs`), a checkpoint every steps // checkpoints steps (default preset.tracin_checkpoints): see
+    `study.finetune_config`. Every experiment fine-tunes through this function.
     """
-    config.validate()
-    preset = study.PRESETS[config.preset]
-    mesh = sharding.parse_mesh(config.mesh)
-    model = model or load_study_model(config, mesh)
+    preset = config.sizes
+    epochs = study_epochs(config, task) if epochs is None else epochs
+    lora = LoraConfig(dropout=preset.lora_dropout)
+    train_config = study.finetune_config(preset, len(task.train_rows), epochs=epochs, checkpoints=checkpoints,
+                                         seed=config.seed)
+    adapters, train_log = recipes.finetune_lora(
+        model, lora, task, train_config, os.path.join(workdir, "finetune"),
+        run_config={"data": config.data.source, "preset": study.preset_name(config.preset),
+                    "loss_on": config.data.loss_on, **data_options(config)}, mesh=mesh)
+    return adapters, train_log, train_config, lora
+
+
+def load_study_task(config: StudyConfig, model):
+    """The study's rows and tokens for `model` (`task_config`), its split described on the progress log."""
     task = recipes.load_task(model, task_config(config))
     log(task.split_info["description"])
-    harmful = "harmful" in set(task.train.groups.tolist())
-    epochs = config.epochs or (preset.epochs_harmful if harmful and preset.epochs_harmful else preset.epochs)
-    lora = LoraConfig(dropout=preset.lora_dropout)
-    steps, batch_size = study.finetune_schedule(preset, epochs, len(task.train_rows))
-    train_config = training.TrainConfig(steps=steps, batch_size=batch_size, lr=preset.lr,
-                                        checkpoint_every=max(1, steps // preset.tracin_checkpoints),
-                                        seed=config.seed)
+    return task
+
+
+def prepare(config: StudyConfig, workdir: str, *, test_gradients: bool = True, model=None,
+            epochs: Optional[float] = None, checkpoints: Optional[int] = None) -> Prepared:
+    """Model, task, LoRA fine-tuning (`finetune`, cached in workdir/finetune), gradients (cached) and
+    `StudyInputs`: the first stages of the study and of every experiment.
+
+    `test_gradients=False` leaves `inputs.test_grads` None (the caller brings its own queries). `model`: an
+    already loaded model. `epochs`, `checkpoints`: see `finetune`.
+    """
+    config.validate()
+    preset = config.sizes
+    mesh = sharding.parse_mesh(config.mesh)
+    model = model or load_study_model(config, mesh)
+    task = load_study_task(config, model)
+    epochs = study_epochs(config, task) if epochs is None else epochs
+    adapters, train_log, train_config, lora = finetune(config, model, task, workdir, epochs=epochs,
+                                                       checkpoints=checkpoints, mesh=mesh)
     ft_dir = os.path.join(workdir, "finetune")
-    adapters, train_log = recipes.finetune_lora(
-        model, lora, task, train_config, ft_dir,
-        run_config={"data": config.data.source, "preset": config.preset, "loss_on": config.data.loss_on,
-                    **data_options(config)}, mesh=mesh)
     fns = LMFunctions(model, lora)
     grads_train = cached_gradients(fns, adapters, task.train, os.path.join(workdir, "grads_train.npz"),
                                    preset.grad_chunk, desc="gradients (train)", mesh=mesh)
@@ -429,7 +461,7 @@ def run_study(config: StudyConfig, workdir: str) -> StudyResult:
     damping value, metrics against the group labels and the ground truths, results files and report.html."""
     start = time.perf_counter()
     config.validate()
-    preset = study.PRESETS[config.preset]
+    preset = config.sizes
     dampings = list(config.damping) or [float(preset.damping)]
     os.makedirs(workdir, exist_ok=True)
     check_workdir(workdir, workdir_settings(config))
@@ -438,9 +470,9 @@ def run_study(config: StudyConfig, workdir: str) -> StudyResult:
     final = prepared.log[-1] if prepared.log else {}
     n_train = len(task.train_rows)
     title = f"{prepared.model.name} on {os.path.basename(os.path.normpath(config.data.source))} " \
-            f"({config.preset}: {n_train} train, {len(task.test_rows)} test)"
+            f"({config.preset_label}: {n_train} train, {len(task.test_rows)} test)"
     run_info = {
-        "model": prepared.model.name, "data": config.data.source, "preset": config.preset, "seed": config.seed,
+        "model": prepared.model.name, "data": config.data.source, "preset": study.preset_name(config.preset), "seed": config.seed,
         "loss_on": config.data.loss_on, "repsim_pooling": config.repsim_pooling,
         "dtype": config.dtype, "mesh": sharding.describe(prepared.mesh),
         "n_train": n_train, "n_test": len(task.test_rows), "seq_len": int(task.train.input_ids.shape[1]),
@@ -489,8 +521,7 @@ def _scores_of(method, inputs, score_dir):
     path = os.path.join(score_dir, f"{study.score_cache_key(method, inputs)}.npz")
     if not os.path.exists(path):
         scores, seconds, info = study.run_method_with_info(method, inputs)
-        np.savez(path + ".tmp.npz", scores=scores, seconds=seconds, info=json.dumps(info))
-        os.replace(path + ".tmp.npz", path)
+        write_npz(path, scores=scores, seconds=seconds, info=json.dumps(info))
     saved = np.load(path)
     info = json.loads(str(saved["info"])) if "info" in saved else {}
     return saved["scores"], float(saved["seconds"]), info

@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxinf import data as jdata
 from jaxinf import training
+from jaxinf.workdir import write_json  # noqa: F401  (recipes.write_json: the one atomic JSON write)
 from jaxinf.models import LMFunctions, LoraConfig, init_adapters
 from jaxinf.models.causal_lm import CausalLM
 
@@ -98,9 +99,3 @@ def finetune_lora(
                           stop_after=stop_after, mesh=mesh)
 
 
-def write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)

@@ -38,9 +38,9 @@ import jax
 import jax.flatten_util
 import numpy as np
 import scipy.linalg
-import scipy.stats
 
 from jaxinf import attribution, ihvp
+from jaxinf.evaluation.metrics import row_spearman
 from jaxinf.curvature.cached import gradient_fisher_operator
 from jaxinf.curvature.kfac import fit_factors
 from jaxinf.ihvp.ekfac import ekfac, kfac, state_from_factors
@@ -77,11 +77,48 @@ PRESETS = {
                     lora_dropout=0.1, template="inst", epochs_harmful=50, tracin_checkpoints=5),
 }
 
+def resolve_preset(preset) -> Preset:
+    """A `Preset` from a name in PRESETS, a Preset, or a dict of Preset fields."""
+    if isinstance(preset, Preset):
+        return preset
+    if isinstance(preset, dict):
+        unknown = set(preset) - {f.name for f in dataclasses.fields(Preset)}
+        if unknown:
+            raise ValueError(f"preset: unknown fields {sorted(unknown)}; a Preset has "
+                             f"{[f.name for f in dataclasses.fields(Preset)]}")
+        return Preset(**preset)
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: choose from {list(PRESETS)} or pass a jaxinf.study.Preset")
+    return PRESETS[preset]
+
+
+def preset_name(preset):
+    """How a workdir records a preset: its name when it is one of PRESETS, else its fields (a dict)."""
+    value = resolve_preset(preset)
+    for name, named in PRESETS.items():
+        if named == value:
+            return name
+    return dataclasses.asdict(value)
+
+
 def finetune_schedule(preset: Preset, epochs: float, n_train: int) -> tuple[int, int]:
     """(steps, batch size) of the fine-tuning: batches of min(preset.batch_size, n_train) rows, as many as
     `epochs` passes over the n_train rows need (steps counted with the batch size actually drawn)."""
     batch_size = min(preset.batch_size, n_train)
     return max(1, int(np.ceil(epochs * n_train / batch_size))), batch_size
+
+
+def finetune_config(preset: Preset, n_train: int, *, epochs: float, checkpoints: Optional[int] = None,
+                    seed: int = 0):
+    """The fine-tuning of every study stage and experiment: AdamW at preset.lr, `finetune_schedule`'s steps and
+    batch size, a checkpoint every max(1, steps // checkpoints) steps (checkpoints: preset.tracin_checkpoints
+    when None; the final step is always saved)."""
+    from jaxinf import training
+
+    steps, batch_size = finetune_schedule(preset, epochs, n_train)
+    k = preset.tracin_checkpoints if checkpoints is None else checkpoints
+    return training.TrainConfig(steps=steps, batch_size=batch_size, lr=preset.lr,
+                                checkpoint_every=max(1, steps // max(1, k)), seed=seed)
 
 
 DAMPING_SCOPES = ("global", "block")
@@ -557,7 +594,7 @@ def agreement_with_exact(scores: np.ndarray, exact_scores: np.ndarray) -> dict:
     """
     x, y = np.asarray(scores, np.float64), np.asarray(exact_scores, np.float64)
     cos = np.sum(x * y, 1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
-    rho = [scipy.stats.spearmanr(a, b).statistic for a, b in zip(x, y)]
+    rho = row_spearman(x, y)
     return {"spearman": float(np.mean(rho)), "direction": float(np.mean(np.sqrt(np.clip(1.0 - cos ** 2, 0, 1))))}
 
 

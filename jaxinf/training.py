@@ -27,6 +27,7 @@ from jaxinf.progress import Stage, warn
 from jaxinf.progress import log as progress_log
 
 from jaxinf import sharding
+from jaxinf.workdir import guard, write_text
 from jaxinf import health
 from jaxinf.models.loss import LMFunctions
 
@@ -225,26 +226,12 @@ def _read_log(path: str, upto: int) -> list[dict]:
 
 
 def _write_log(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _check_run_config(workdir: str, run_config: dict) -> None:
-    run_config = json.loads(json.dumps(run_config))  # compare as stored (tuples become lists)
-    path = os.path.join(workdir, "run_config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != run_config:
-            diff = {k: (old.get(k), run_config.get(k)) for k in set(old) | set(run_config) if old.get(k) != run_config.get(k)}
-            raise ValueError(f"{workdir} holds a run with other settings {diff} (old, new): use a new --workdir "
-                             "or the same flags to resume")
-    else:
-        with open(path, "w") as f:
-            json.dump(run_config, f, indent=1, sort_keys=True)
+    guard(os.path.join(workdir, "run_config.json"), run_config, what="a run",
+          fix="use a new --workdir or the same flags to resume")
 
 
 def train(

@@ -158,7 +158,7 @@ EXPECTED = {  # each message names the file and line/row, the field and the fix
     "duplicate": r"dup.jsonl:1: 3 test row\(s\) have the same prompt and response as a training row "
                  r"\(this one equals .*rows.jsonl:1\).*--allow_overlap",
     "prompt_column_hint": r"cols.jsonl: missing column 'prompts'.*--prompt_column=<one of those>",
-    "other_settings": r"holds a run with other settings .*lr",
+    "other_settings": r"holds a run made with other settings .*lr",
     "nonfinite": r"non-finite training at step 2 \(loss=nan.*last good checkpoint is step 0 in .*nan/checkpoints",
 }
 

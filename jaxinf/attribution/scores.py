@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxinf import sharding
+from jaxinf.workdir import guard, write_npy
 from jaxinf.attribution.gradients import (as_matrix, flatten_rows, num_rows, take_rows,
                                           unflatten_rows)
 from jaxinf.models.loss import LMFunctions, token_nll
@@ -68,31 +69,13 @@ def _fingerprint(q: np.ndarray) -> str:
 
 def _prepare_store(out_dir: str, meta: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, _META)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != meta:
-            diff = {k: (old.get(k), meta.get(k)) for k in set(old) | set(meta) if old.get(k) != meta.get(k)}
-            raise ValueError(f"{out_dir} holds score chunks of another computation {diff} (stored, now): use a new "
-                             "out_dir or the same queries, training set and chunk_size to resume")
-    else:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+    guard(os.path.join(out_dir, _META), meta, what="score chunks of another computation",
+          fix="use a new out_dir or the same queries, training set and chunk_size to resume")
 
 
 def chunk_path(out_dir: str, start: int, stop: int) -> str:
     """File of the score columns [start, stop) in a score directory."""
     return os.path.join(out_dir, f"scores_{start:09d}_{stop:09d}.npy")
-
-
-def _save_atomic(path: str, array: np.ndarray) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -155,7 +138,7 @@ def pairwise_scores(query, train, *, chunk_size: Optional[int] = None, out_dir: 
                     raise ValueError(f"training gradients have {g.shape[1]} entries, queries {q.shape[1]}")
                 block = _block(q, g, normalize_train, mesh)
                 if path is not None:
-                    _save_atomic(path, block)
+                    write_npy(path, block)
             blocks.append(block)
             bar.update(stop - start)
     return np.concatenate(blocks, axis=1)

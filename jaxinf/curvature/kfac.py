@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf import sharding
+from jaxinf.workdir import guard, load_npz, write_json, write_npz
 from jaxinf.curvature.capture import Layer, base_params, capture_with_losses, lm_layers, select_layers
 
 if TYPE_CHECKING:
@@ -208,17 +209,6 @@ def _correction_step(fns, layers, fisher, num_samples, trainable, base, batch, k
 # Checkpoint files.
 
 
-def _save_npz(path: str, arrays: dict) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def _load_npz(path: str) -> dict:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
-
-
 def _fingerprint(layers, fisher, num_samples, key, batches, trainable) -> str:
     h = hashlib.sha1()
     meta = {"format": _FORMAT, "fisher": fisher, "num_samples": num_samples, "num_batches": len(batches),
@@ -248,29 +238,20 @@ class _Store:
         if directory is None:
             return
         os.makedirs(directory, exist_ok=True)
-        manifest = os.path.join(directory, "manifest.json")
-        if os.path.exists(manifest):
-            with open(manifest) as f:
-                found = json.load(f).get("fingerprint")
-            if found != fingerprint:
-                raise ValueError(f"{directory} holds factors of a different fit (other batches, parameters, layers "
-                                 "or options); pass a fresh directory or delete this one")
-        else:
-            tmp = manifest + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"fingerprint": fingerprint, "format": _FORMAT}, f)
-            os.replace(tmp, manifest)
+        # the fingerprint hashes the batches, parameters, layers and options of the fit
+        guard(os.path.join(directory, "manifest.json"), {"fingerprint": fingerprint, "format": _FORMAT},
+              what="factors of a different fit", fix="pass a fresh directory or delete this one")
 
     def path(self, stage: str) -> Optional[str]:
         return None if self.directory is None else os.path.join(self.directory, stage + ".npz")
 
     def load(self, stage: str) -> Optional[dict]:
         p = self.path(stage)
-        return _load_npz(p) if p is not None and os.path.exists(p) else None
+        return load_npz(p) if p is not None and os.path.exists(p) else None
 
     def save(self, stage: str, arrays: dict) -> None:
         if self.directory is not None:
-            _save_npz(self.path(stage), arrays)
+            write_npz(self.path(stage), **arrays)
 
 
 class _Budget:
@@ -466,11 +447,10 @@ def save_factors(directory: str, factors: KFACFactors) -> None:
                        f"qa{j}": factors.a_eig[j][1], f"ls{j}": factors.s_eig[j][0], f"qs{j}": factors.s_eig[j][1]})
         if factors.corrected is not None:
             arrays[f"L{j}"] = factors.corrected[j]
-    _save_npz(os.path.join(directory, "kfac_factors.npz"), arrays)
+    write_npz(os.path.join(directory, "kfac_factors.npz"), **arrays)
     meta = {"fisher": factors.fisher, "param_dtype": factors.param_dtype,
             "layers": [dataclasses.asdict(l) for l in factors.layers]}
-    with open(os.path.join(directory, "kfac_factors.json"), "w") as f:
-        json.dump(meta, f)
+    write_json(os.path.join(directory, "kfac_factors.json"), meta)
 
 
 def load_factors(directory: str) -> KFACFactors:
@@ -479,5 +459,5 @@ def load_factors(directory: str) -> KFACFactors:
         meta = json.load(f)
     layers = tuple(Layer(**{**d, "kernel": tuple(d["kernel"]), "bias": tuple(d["bias"]) if d["bias"] else None})
                    for d in meta["layers"])
-    arrays = _load_npz(os.path.join(directory, "kfac_factors.npz"))
+    arrays = load_npz(os.path.join(directory, "kfac_factors.npz"))
     return _factors_from_arrays(arrays, layers, meta["fisher"], meta["param_dtype"])

@@ -124,6 +124,23 @@ def recall_at_k(scores, test_groups, train_groups, k: int, **kw) -> float:
     return float(np.nanmean(per_row_metrics(scores, test_groups, train_groups, ks=(k,), **kw)[f"recall@{k}"]))
 
 
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two vectors; NaN when either is constant (no ranking to compare)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(scipy.stats.spearmanr(a, b).statistic)
+
+
+def row_spearman(a, b) -> np.ndarray:
+    """[Q] Spearman correlation of row q of `a` [Q, N] with row q of `b` [Q, N] (across the N columns: how alike two
+    score matrices rank the training rows for each query); NaN for a constant row."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"row_spearman needs two [Q, N] matrices of one shape, got {a.shape} and {b.shape}")
+    return np.array([spearman(x, y) for x, y in zip(a, b)])
+
+
 def bootstrap_ci(values, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (NaN entries dropped), resampling with replacement;
     (nan, nan) when there is nothing to resample or n_boot = 0 (no interval asked for)."""

@@ -16,16 +16,9 @@ Intervals: percentile bootstrap over queries (`jaxinf.evaluation.metrics.bootstr
 from __future__ import annotations
 
 import numpy as np
-import scipy.stats
 
-from jaxinf.evaluation.metrics import bootstrap_ci
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(scipy.stats.spearmanr(a, b).statistic)
+from jaxinf.evaluation.metrics import bootstrap_ci, row_spearman
+from jaxinf.evaluation.metrics import spearman as _spearman
 
 
 def _summary(per_query: np.ndarray, n_boot: int, seed: int) -> dict:
@@ -54,7 +47,7 @@ def rank_agreement(scores: np.ndarray, truth: np.ndarray, *, n_boot: int = 1000,
     s, t = np.asarray(scores, np.float64), np.asarray(truth, np.float64)
     if s.shape != t.shape or s.ndim != 2:
         raise ValueError(f"scores {s.shape} and ground truth {t.shape} must both be [Q, N]")
-    return _summary(np.array([_spearman(a, b) for a, b in zip(s, t)]), n_boot, seed)
+    return _summary(row_spearman(s, t), n_boot, seed)
 
 
 def sign_agreement(scores: np.ndarray, truth: np.ndarray) -> float:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf import progress, training
+from jaxinf.workdir import write_npz
 from jaxinf.groundtruth.trajectory import WeightedRun, _forward_states, _query_losses
 
 
@@ -82,10 +83,7 @@ def retrain_losses(run: WeightedRun, weights: np.ndarray, queries: dict, *, chun
 
 
 def _save(path: str, weights: np.ndarray, losses: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, weights=weights, losses=losses)
-    os.replace(tmp, path)
+    write_npz(path, weights=weights, losses=losses)
 
 
 def loo_scores(run: WeightedRun, queries: dict, rows: Sequence[int], *, chunk: int = 1,

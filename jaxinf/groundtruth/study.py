@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from jaxinf import progress, training
+from jaxinf.workdir import write_npz
 from jaxinf.groundtruth import agreement
 from jaxinf.groundtruth.pbrf import pbrf_scores
 from jaxinf.groundtruth.retrain import lds_masks, retrain_losses
@@ -129,8 +130,7 @@ def compute(run: WeightedRun, adapters: Any, queries: dict, config: GroundTruthC
                                  damping=config.pbrf_damping, iters=config.pbrf_iters)
                 res = {"scores": pb["scores"], "grad_norm": pb["grad_norm"], "queries": qidx, "rows": rows}
             res["seconds"] = time.perf_counter() - start
-            np.savez(path + ".tmp.npz", **res)
-            os.replace(path + ".tmp.npz", path)
+            write_npz(path, **res)
         with np.load(path) as saved:
             out[kind] = {k: saved[k] for k in saved.files}
     return out

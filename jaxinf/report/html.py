@@ -107,11 +107,6 @@ def render_html(explanations: Sequence[dict], *, title: str = "jaxinf: which tra
 
 def write_report(path: str, explanations: Sequence[dict], **kwargs) -> str:
     """Write `render_html(...)` to `path` (atomically); returns the path."""
-    import os
+    from jaxinf.workdir import write_text
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(render_html(explanations, **kwargs))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, render_html(explanations, **kwargs))
