@@ -170,8 +170,15 @@ def define_study_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "LDS uses all (the quick default keeps README command 1's cost down on 2 CPU cores; use 4 "
                          "or more)", **fv)
     flags.DEFINE_integer("gt_subsets", gt.subsets, "LDS: retrained random subsets (the quick default: a coarse LDS, "
-                         "each subset costs one fine-tuning run; use 50-100)", **fv)
-    flags.DEFINE_float("gt_fraction", gt.fraction, "LDS: fraction of the training rows each subset keeps", **fv)
+                         "each subset costs one fine-tuning run per seed; use 32-100)", **fv)
+    flags.DEFINE_float("gt_fraction", gt.fraction, "LDS: fraction of the training rows each subset keeps (0.5; 0.9 "
+                       "for the small-drop regime)", **fv)
+    flags.DEFINE_integer("gt_seeds", gt.seeds, "lds: seeds each subset is retrained from scratch with (their query "
+                         "losses are averaged)", **fv)
+    flags.DEFINE_bool("gt_stratify", gt.stratify, "LDS subsets keep the fraction of every group (group counts fixed, "
+                      "so the outcome cannot be read off the labels)", **fv)
+    flags.DEFINE_integer("gt_query_chunk", gt.query_chunk, "trajectory: queries per backward pass of the adjoint "
+                         "(memory grows with it; 0 = all at once)", **fv)
     flags.DEFINE_integer("gt_loo_rows", gt.loo_rows, "leave-one-out: training rows (spread evenly; 0 = all) "
                          "retrained without", **fv)
     flags.DEFINE_integer("gt_pbrf_rows", gt.pbrf_rows, "PBRF: training rows (spread evenly; 0 = all)", **fv)
@@ -179,6 +186,8 @@ def define_study_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float("gt_pbrf_damping", gt.pbrf_damping, "PBRF: proximity lambda as a fraction of the empirical "
                        "Fisher's mean eigenvalue (mean ||g_n||^2 / D)", **fv)
     flags.DEFINE_integer("gt_pbrf_iters", gt.pbrf_iters, "PBRF: L-BFGS iterations", **fv)
+    flags.DEFINE_float("gt_pbrf_tol", gt.pbrf_tol, "PBRF: a solve is converged when its final gradient norm is at "
+                       "most this fraction of its initial one (else flagged converged=false)", **fv)
     flags.DEFINE_integer("gt_chunk", gt.chunk, "retrains (LOO / LDS subsets) vmapped at once", **fv)
     flags.DEFINE_integer("bootstrap", rep.bootstrap, "bootstrap resamples over test rows for the confidence "
                          "intervals", **fv)

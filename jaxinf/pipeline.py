@@ -85,19 +85,25 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class GroundTruthSettings:
     """Counterfactual ground truths (`jaxinf.groundtruth.study`): kinds, and their sizes. queries: test rows for
-    trajectory / LOO / PBRF (0 = all); subsets, fraction: LDS retrains; loo_rows, pbrf_rows: 0 = all;
-    pbrf_damping: relative to the empirical Fisher's mean eigenvalue; chunk: retrains vmapped at once."""
+    trajectory / LOO / PBRF (0 = all); subsets, fraction, stratify: the LDS subsets; seeds: from-scratch retrains
+    per subset (lds); loo_rows, pbrf_rows: 0 = all; pbrf_damping: relative to the empirical Fisher's mean
+    eigenvalue; pbrf_tol: relative gradient norm a converged PBRF solve reaches; chunk: masked retrains vmapped at
+    once; query_chunk: trajectory queries per adjoint pass (0 = all)."""
 
     kinds: tuple = ("trajectory", "lds")
     queries: int = 1
     subsets: int = 4
     fraction: float = 0.5
+    seeds: int = 2
+    stratify: bool = False
     loo_rows: int = 8
     pbrf_rows: int = 8
     pbrf_eps: float = 1e-2
     pbrf_damping: float = 0.1
     pbrf_iters: int = 50
+    pbrf_tol: float = 1e-2
     chunk: int = 1
+    query_chunk: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +211,8 @@ FLAG_FIELDS = {
     "gt_loo_rows": ("ground_truth", "loo_rows"), "gt_pbrf_rows": ("ground_truth", "pbrf_rows"),
     "gt_pbrf_eps": ("ground_truth", "pbrf_eps"), "gt_pbrf_damping": ("ground_truth", "pbrf_damping"),
     "gt_pbrf_iters": ("ground_truth", "pbrf_iters"), "gt_chunk": ("ground_truth", "chunk"),
+    "gt_seeds": ("ground_truth", "seeds"), "gt_stratify": ("ground_truth", "stratify"),
+    "gt_query_chunk": ("ground_truth", "query_chunk"), "gt_pbrf_tol": ("ground_truth", "pbrf_tol"),
     "top_k": ("report", "top_k"), "report_queries": ("report", "queries"), "report_k": ("report", "k"),
     "report_methods": ("report", "methods"), "bootstrap": ("report", "bootstrap"),
 }
@@ -340,13 +348,14 @@ def study_epochs(config: StudyConfig, task) -> float:
 
 
 def finetune(config: StudyConfig, model, task, workdir: str, *, epochs: Optional[float] = None,
-             checkpoints: Optional[int] = None, mesh=None):
+             checkpoints: Optional[int] = None, mesh=None, run_config: Optional[dict] = None):
     """(adapters, training log, TrainConfig, LoraConfig) of the LoRA fine-tuning on `task.train`, cached and
     resumable in workdir/finetune (its run_config.json guards the settings).
 
     AdamW at the preset's learning rate, batches of min(preset batch, N) rows for `epochs` passes (default
     `study_epochs`), a checkpoint every steps // checkpoints steps (default preset.tracin_checkpoints): see
-    `study.finetune_config`. Every experiment fine-tunes through this function.
+    `study.finetune_config`. `run_config`: more settings that key this fine-tuning (e.g. a data variant's name).
+    Every experiment fine-tunes through this function.
     """
     preset = config.sizes
     epochs = study_epochs(config, task) if epochs is None else epochs
@@ -356,7 +365,7 @@ def finetune(config: StudyConfig, model, task, workdir: str, *, epochs: Optional
     adapters, train_log = recipes.finetune_lora(
         model, lora, task, train_config, os.path.join(workdir, "finetune"),
         run_config={"data": config.data.source, "preset": study.preset_name(config.preset),
-                    "loss_on": config.data.loss_on, **data_options(config)}, mesh=mesh)
+                    "loss_on": config.data.loss_on, **data_options(config), **(run_config or {})}, mesh=mesh)
     return adapters, train_log, train_config, lora
 
 
@@ -486,7 +495,7 @@ def run_study(config: StudyConfig, workdir: str) -> StudyResult:
     }
     ground_truth = {}  # kind -> ground truth (jaxinf.groundtruth.study.compute) of this run only
     if config.ground_truth.kinds:
-        ground_truth = _ground_truths(config, prepared, workdir)
+        ground_truth = ground_truths(config, prepared, workdir)
         run_info["ground_truth"] = gt_study.summary(ground_truth)
     log(f"{title}; fine-tune loss {final.get('loss', float('nan')):.3f} after {prepared.steps} steps")
     sets = []
@@ -497,21 +506,54 @@ def run_study(config: StudyConfig, workdir: str) -> StudyResult:
     return StudyResult(workdir, config, title, sets, time.perf_counter() - start)
 
 
-def _ground_truths(config: StudyConfig, prepared: Prepared, workdir: str) -> dict:
-    """The ground-truth kinds for this fine-tuning run: the scanned trainer replays it from the same initial
-    adapters (its checkpoint 0), data order and keys."""
+def study_matrices(config: StudyConfig, workdir: str) -> dict:
+    """What a finished `run_study` holds, for analyses across runs: {"ground_truth": {kind: arrays},
+    "scores": {damping: {method: [Q, N]}} (with the score ground truths as "gt:<kind>"), "queries": {damping:
+    {kind: the table's test rows}}}. Everything comes from the workdir's caches (nothing is recomputed there)."""
+    config.validate()
+    prepared = prepare(config, workdir)
+    truths = ground_truths(config, prepared, workdir) if config.ground_truth.kinds else {}
+    n_test, n_train = len(prepared.task.test_rows), len(prepared.task.train_rows)
+    scores, queries = {}, {}
+    for value in list(config.damping) or [float(config.sizes.damping)]:
+        inputs = dataclasses.replace(prepared.inputs, damping=value)
+        found = {}
+        for method in config.methods:
+            path = os.path.join(workdir, "scores", f"{study.score_cache_key(method, inputs)}.npz")
+            if os.path.exists(path):  # a method that failed has no scores
+                found[method] = np.load(path)["scores"]
+        found.update(_truths_as_methods(truths, n_test, n_train))
+        scores[value] = found
+        queries[value] = _table_queries(truths, found)[0] if truths else {}
+    return {"ground_truth": truths, "scores": scores, "queries": queries}
+
+
+def ground_truths(config: StudyConfig, prepared: Prepared, workdir: str) -> dict:
+    """{kind: arrays} of config.ground_truth's kinds for the prepared fine-tuning run, cached in
+    workdir/groundtruth (`groundtruth.study.compute`). The scanned trainer replays the run from its initial
+    adapters (checkpoint 0), data order and keys; "lds" retrains each subset from scratch with `finetune`'s rule
+    for that many rows (`study.finetune_config`) and `recipes.initial_adapters` of each seed."""
     gt = config.ground_truth
     flat = attribution.flatten_rows(prepared.inputs.train_grads)
     mean_eig = float(np.mean(np.sum(np.square(flat), axis=1)) / flat.shape[1])  # trace(F) / D
     gt_config = gt_study.GroundTruthConfig(
         kinds=tuple(gt.kinds), max_queries=gt.queries or None, lds_subsets=gt.subsets, lds_fraction=gt.fraction,
-        loo_rows=gt.loo_rows or None, pbrf_rows=gt.pbrf_rows or None, pbrf_eps=gt.pbrf_eps,
-        pbrf_damping=gt.pbrf_damping * mean_eig, pbrf_iters=gt.pbrf_iters, retrain_chunk=gt.chunk,
-        seed=config.seed)
+        lds_seeds=gt.seeds, lds_stratify=gt.stratify, loo_rows=gt.loo_rows or None, pbrf_rows=gt.pbrf_rows or None,
+        pbrf_eps=gt.pbrf_eps, pbrf_damping=gt.pbrf_damping * mean_eig, pbrf_iters=gt.pbrf_iters,
+        pbrf_tol=gt.pbrf_tol, retrain_chunk=gt.chunk, query_chunk=gt.query_chunk or None, seed=config.seed)
     run = gt_study.replay(prepared.inputs.fns, prepared.adapters, recipes.batch_arrays(prepared.task.train),
                           prepared.train_config, os.path.join(workdir, "finetune"), prepared.mesh)
+    preset, lora = config.sizes, prepared.inputs.fns.lora
+
+    def config_for(n_rows, seed):  # the fine-tuning a user would run on n_rows rows (`finetune`'s rule)
+        return study.finetune_config(preset, n_rows, epochs=prepared.epochs, seed=seed)
+
+    def init_for(seed):
+        return recipes.initial_adapters(prepared.model, lora, seed)
+
     return gt_study.compute(run, prepared.adapters, recipes.batch_arrays(prepared.task.test), gt_config,
-                            os.path.join(workdir, "groundtruth"))
+                            os.path.join(workdir, "groundtruth"), groups=np.asarray(prepared.task.train.groups),
+                            config_for=config_for, init_for=init_for)
 
 
 def _scores_of(method, inputs, score_dir):
@@ -543,34 +585,78 @@ def _method_record(config, method, scores, seconds, info, exact_scores, task):
     return detail, row
 
 
-def _ground_truth_columns(config, scores, detail, row, ground_truth):
-    """Agreement of one method's scores with every ground truth: results.json (with per-query values) and CSV."""
+def _ground_truth_columns(config, scores, detail, row, ground_truth, queries):
+    """Agreement of one method's scores with every ground truth on the table's queries: results.json (with
+    per-query values and the queries) and CSV (value, interval, number of queries)."""
     if not ground_truth:
         return
-    agree = gt_study.agreement_with(scores, ground_truth, n_boot=config.report.bootstrap, seed=config.seed)
+    agree = gt_study.agreement_with(scores, ground_truth, n_boot=config.report.bootstrap, seed=config.seed,
+                                    queries=queries)
     detail["ground_truth"] = agree
     for kind, a in agree.items():
         row[f"gt_{kind}"], (row[f"gt_{kind}_lo"], row[f"gt_{kind}_hi"]) = a["value"], a["ci"]
+        row[f"gt_{kind}_n"] = a["n_queries"]
 
 
-def _ground_truth_rows(config, rows, n_test, n_train, result_dir, title, ground_truth) -> list:
-    """The methods' rows plus the ground truths scored as methods against each other; ground_truth.json and
-    gt_agreement.png."""
+def _truths_as_methods(ground_truth, n_test, n_train) -> dict:
+    """{"gt:<kind>": [Q, N] scores (NaN outside its queries and rows)} of the score ground truths."""
+    out = {}
+    for kind, t in ground_truth.items():
+        s = gt_study.as_method_scores(kind, t, n_test, n_train)
+        if s is not None:
+            out[f"gt:{kind}"] = s
+    return out
+
+
+def _table_queries(ground_truth, matrices: dict) -> tuple[dict, dict]:
+    """({kind: the test rows every row of its agreement table is scored on}, {kind: rows left out}).
+
+    A ground truth scored as a method enters the LDS tables only when it covers every training row (a LOO or
+    PBRF on some rows cannot predict a subset's outcome); it then restricts them to its queries, so every row of
+    one table, methods and ground truths, is computed on the same queries."""
+    queries, left_out = {}, {}
+    for kind, t in ground_truth.items():
+        use = {}
+        for name, s in matrices.items():
+            if kind in gt_study.LDS_KINDS and name.startswith("gt:") and not np.isfinite(s).all(axis=1).any():
+                left_out.setdefault(kind, []).append(name)
+                continue
+            use[name] = s
+        queries[kind] = gt_study.common_queries(kind, t, list(use.values()))
+    return queries, left_out
+
+
+def _ground_truth_tables(config, rows, details, all_scores, task, result_dir, title, ground_truth) -> tuple:
+    """Every method's and every score ground truth's agreement with each ground truth, on one set of queries per
+    ground truth, and the paired differences against grad_dot and exact; ground_truth.json and gt_agreement.png.
+    Returns (the method rows plus the gt: rows, the paired entry of results.json, {kind: queries})."""
     if not ground_truth:
-        return []
+        return [], {}, {}
+    n_test, n_train = len(task.test_rows), len(task.train_rows)
+    truths = _truths_as_methods(ground_truth, n_test, n_train)
+    matrices = dict(all_scores, **truths)
+    queries, left_out = _table_queries(ground_truth, matrices)
+    for row in rows:
+        _ground_truth_columns(config, all_scores[row["method"]], details[row["method"]], row, ground_truth, queries)
+    gt_rows = [dict(r) for r in rows]
+    for name, s in truths.items():
+        row = {"method": name}
+        if name == "gt:pbrf":  # an unconverged PBRF is flagged like a non-converged CG
+            row["converged"] = gt_study.pbrf_converged(ground_truth["pbrf"])
+        usable = {k: q for k, q in queries.items() if name not in left_out.get(k, [])}
+        _ground_truth_columns(config, s, {}, row, {k: ground_truth[k] for k in usable}, usable)
+        gt_rows.append(row)
+    paired = gt_study.paired(matrices, ground_truth, queries, n_boot=config.report.bootstrap, seed=config.seed)
     kinds = list(ground_truth)
-    for kind in kinds:
-        as_scores = gt_study.as_method_scores(kind, ground_truth[kind], n_test, n_train)
-        if as_scores is not None:
-            row = {"method": f"gt:{kind}"}
-            _ground_truth_columns(config, as_scores, {}, row, ground_truth)
-            rows.append(row)
-    tables.plot_agreement(rows, kinds, os.path.join(result_dir, "gt_agreement.png"), title)
+    tables.plot_agreement(gt_rows, kinds, os.path.join(result_dir, "gt_agreement.png"), title)
     recipes.write_json(os.path.join(result_dir, "ground_truth.json"), {
         "ground_truths": gt_study.summary(ground_truth),
+        "queries": {k: [int(i) for i in q] for k, q in queries.items()},
+        "left_out": left_out,
         "agreement": {r["method"]: {k: [r.get(f"gt_{k}"), r.get(f"gt_{k}_lo"), r.get(f"gt_{k}_hi")] for k in kinds}
-                      for r in rows}})
-    return rows
+                      for r in gt_rows},
+        "paired": paired})
+    return gt_rows, paired, queries
 
 
 def _one_damping(config, inputs, task, workdir, result_dir, run_info, title, ground_truth) -> dict:
@@ -594,21 +680,23 @@ def _one_damping(config, inputs, task, workdir, result_dir, run_info, title, gro
             continue
         clock.close()
         detail, row = _method_record(config, method, scores, seconds, info, exact_scores, task)
-        _ground_truth_columns(config, scores, detail, row, ground_truth)
         detail["top_rows"] = report.top_rows_table(scores, task.train.groups, config.report.top_k, seed=config.seed)
         all_scores[method] = scores
         details[method] = detail
         rows.append(row)
 
+    gt_rows, paired, gt_queries = _ground_truth_tables(config, rows, details, all_scores, task, result_dir, title,
+                                                       ground_truth)
     results = dict(run_info, damping=study.damping_report(inputs), methods=details)
+    if ground_truth:
+        results["ground_truth_queries"] = {k: [int(i) for i in q] for k, q in gt_queries.items()}
+        results["paired"] = paired
     recipes.write_json(os.path.join(result_dir, "results.json"), results)
     results = json.loads(json.dumps(results, default=float))  # what results.json holds (lists, floats)
     tables.write_csv(os.path.join(result_dir, "results.csv"), rows)
     if rows:
         tables.plot_metrics(rows, os.path.join(result_dir, "metrics.png"),
                             f"{title}, {inputs.curvature}, damping {inputs.damping:g} ({inputs.damping_scope})")
-    gt_rows = _ground_truth_rows(config, [dict(r) for r in rows], len(task.test_rows), len(task.train_rows),
-                                 result_dir, title, ground_truth)
     return {"damping": inputs.damping, "dir": result_dir, "results": results, "rows": rows, "gt_rows": gt_rows,
             "gt_kinds": list(ground_truth), "gt_summary": gt_study.summary(ground_truth) if ground_truth else {},
             "curvature": inputs.curvature, "damping_scope": inputs.damping_scope,

@@ -74,6 +74,12 @@ def batch_arrays(tokenized) -> dict:
             for k in training.BATCH_KEYS}
 
 
+def initial_adapters(model: CausalLM, lora: LoraConfig, seed: int) -> dict:
+    """The adapters a fine-tuning with `seed` starts from (PEFT init, B = 0), in float32 at least."""
+    init = init_adapters(jax.random.key(seed), model, lora)
+    return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), init)
+
+
 def finetune_lora(
     model: CausalLM,
     lora: LoraConfig,
@@ -92,8 +98,7 @@ def finetune_lora(
     `training.train`.
     """
     fns = LMFunctions(model, lora)
-    init = init_adapters(jax.random.key(train_config.seed), model, lora)
-    init = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), init)
+    init = initial_adapters(model, lora, train_config.seed)
     run_config = dict(run_config or {}, model=model.name, lora=dataclasses.asdict(lora))
     return training.train(fns, init, batch_arrays(task.train), train_config, workdir, run_config=run_config,
                           stop_after=stop_after, mesh=mesh)

@@ -492,14 +492,33 @@ def _exact(inputs: StudyInputs) -> tuple[np.ndarray, dict]:
     return ((q @ u) / shifted) @ (g @ u).T, info
 
 
-def tracin_checkpoints(inputs: StudyInputs) -> list:
-    """[(trainable_c, w_c)] of the study's TracIn: `preset.tracin_checkpoints` evenly spaced, the last excluded."""
+def _tracin_steps(inputs: StudyInputs) -> tuple[list, list]:
+    """(TracIn's checkpoint steps: `preset.tracin_checkpoints` evenly spaced, the last excluded; every step saved)."""
     from jaxinf.training import checkpoint_steps
 
     steps = checkpoint_steps(inputs.workdir)
     k = inputs.preset.tracin_checkpoints
-    chosen = sorted({steps[round(i * (len(steps) - 1) / k)] for i in range(k)})  # evenly spaced, last excluded
-    return attribution.tracin_checkpoints(inputs.workdir, inputs.adapters, chosen)
+    return sorted({steps[round(i * (len(steps) - 1) / k)] for i in range(k)}), steps
+
+
+def tracin_checkpoints(inputs: StudyInputs) -> list:
+    """[(trainable_c, w_c)] of the study's TracIn at `_tracin_steps`, w_c the learning-rate mass after c."""
+    return attribution.tracin_checkpoints(inputs.workdir, inputs.adapters, _tracin_steps(inputs)[0])
+
+
+def tracin_adam_checkpoints(inputs: StudyInputs) -> list:
+    """[(trainable_c, w_c, P_c)] of Adam-TracIn: TracIn's checkpoints and weights, and P_c the AdamW
+    preconditioner at the end of checkpoint c's interval (the next chosen checkpoint, or the final step)."""
+    chosen, steps = _tracin_steps(inputs)
+    ends = chosen[1:] + [steps[-1]]
+    pre = attribution.adam_preconditioners(inputs.workdir, inputs.adapters, ends)
+    return [(t, w, p) for (t, w), p in zip(attribution.tracin_checkpoints(inputs.workdir, inputs.adapters, chosen),
+                                           pre)]
+
+
+def _tracin_adam(inputs: StudyInputs) -> tuple[np.ndarray, dict]:
+    return attribution.adam_tracin_scores(inputs.fns, tracin_adam_checkpoints(inputs), inputs.test, inputs.train,
+                                          chunk_size=inputs.preset.grad_chunk, progress=True), {}
 
 
 def _tracin(inputs: StudyInputs) -> tuple[np.ndarray, dict]:
@@ -564,6 +583,7 @@ _REGISTRY = (
     Method("grad_dot", directions_fn=lambda inputs: (_flat(inputs.test_grads), {})),
     Method("grad_cos", directions_fn=_unit_queries, scores_fn=_cosine),
     Method("tracin", scores_fn=_tracin),
+    Method("tracin_adam", scores_fn=_tracin_adam),
     Method("datainf", damped=True, curvatures=("fisher",),
            directions_fn=_block_directions(lambda d: ihvp.datainf(damping=d, by="leaf"), "datainf")),
     Method("exact_layer", damped=True, curvatures=("fisher",),

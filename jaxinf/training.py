@@ -75,6 +75,9 @@ def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), decay], boundaries=[warmup])
 
 
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # AdamW's moment decays and denominator eps (optax's defaults)
+
+
 def make_optimizer(config: TrainConfig, total_steps: int, *, eps_root: float = 0.0) -> optax.GradientTransformation:
     """AdamW on `make_schedule` (and optional global-norm clipping).
 
@@ -82,8 +85,8 @@ def make_optimizer(config: TrainConfig, total_steps: int, *, eps_root: float = 0
     through training (`jaxinf.groundtruth`) uses a tiny one (1e-30), which changes no update above rounding but
     keeps d sqrt(nu)/d nu finite where nu = 0 (e.g. LoRA A at step 1, whose gradient is 0 while B = 0)."""
     parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []
-    parts.append(optax.adamw(make_schedule(config, total_steps), weight_decay=config.weight_decay,
-                             eps_root=eps_root))
+    parts.append(optax.adamw(make_schedule(config, total_steps), b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS,
+                             weight_decay=config.weight_decay, eps_root=eps_root))
     return optax.chain(*parts)
 
 

@@ -1,6 +1,7 @@
 """Ground truth for attribution: the scanned trainer replays training, trajectory influence is the derivative of
 the real run (finite differences of whole runs), LOO/LDS by retraining, and PBRF against the dense damped GGN."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from jax.flatten_util import ravel_pytree
 
 from jaxinf import recipes, training
@@ -191,3 +193,132 @@ def test_study_binary_scores_every_method_against_every_ground_truth(tmp_path):
         assert set(agree) == kinds and all(-1.0 <= agree[k]["value"] <= 1.0 for k in kinds), agree
     assert results["ground_truth"]["trajectory"]["replay_error"] < 1e-4  # the scan replays the fine-tuning (float32)
     assert (tmp_path / "gt_agreement.png").stat().st_size > 0 and "agreement with counterfactual" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ retrain-from-scratch LDS, paired
+def test_retrain_from_scratch_is_training_train_on_the_kept_rows(setup, tmp_path):
+    """Each LDS retrain is the fine-tuning a user would run on the kept rows: `training.train` on those rows only,
+    with their own order and schedule and the seed's initial adapters (float64, 1e-10)."""
+    model, lora, task, run, queries = setup
+    groups = np.asarray(task.train.groups)
+    masks = gt_study.subset_masks(gt_study.GroundTruthConfig(lds_subsets=2, lds_fraction=0.5, lds_stratify=True),
+                                  groups)
+    for g in set(groups.tolist()):  # stratified: every subset keeps half of every group
+        assert np.all(masks[:, groups == g].sum(1) == round(0.5 * (groups == g).sum()))
+
+    def config_for(n_rows, seed):
+        return dataclasses.replace(CONFIG, steps=3, batch_size=min(CONFIG.batch_size, n_rows), seed=seed)
+
+    def init_for(seed):
+        return recipes.initial_adapters(model, lora, seed)
+
+    with jax.enable_x64(True):
+        losses = gt_study.retrain_subsets(run, masks, queries, [1, 5], config_for, init_for,
+                                          cache=str(tmp_path / "r.npz"))
+        again = gt_study.retrain_subsets(run, masks, queries, [1, 5], config_for, init_for,
+                                         cache=str(tmp_path / "r.npz"))  # all from the cache
+        fns = LMFunctions(model, lora)
+        for s, seed in enumerate([1, 5]):
+            for m in range(2):
+                rows = np.flatnonzero(masks[m])
+                sub = dataclasses.replace(task, train_rows=[task.train_rows[i] for i in rows],
+                                          train=task.train.select(rows))
+                trained, _ = recipes.finetune_lora(model, lora, sub, config_for(len(rows), seed),
+                                                   str(tmp_path / f"by_hand_{s}_{m}"))
+                by_hand = np.asarray(fns.per_example_loss(trained, jax.tree.map(jnp.asarray, queries)), np.float64)
+                np.testing.assert_allclose(losses[s, m], by_hand, rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(again, losses)
+    assert np.ptp(losses[:, :, 0]) > 1e-6  # the subsets and seeds give different runs
+    with pytest.raises(ValueError, match="other subsets or seeds"):
+        gt_study.retrain_subsets(run, masks, queries, [1, 6], config_for, init_for, cache=str(tmp_path / "r.npz"))
+
+
+def test_paired_lds_reproduces_a_hand_computed_two_way_bootstrap():
+    rng = np.random.default_rng(3)
+    q, n, m = 9, 7, 12
+    truth = rng.normal(size=(q, n))
+    masks = lds_masks(n, m, 0.5, seed=1)
+    losses = -(masks @ truth.T) + 0.5 * rng.normal(size=(m, q))
+    a, b = truth + 0.3 * rng.normal(size=(q, n)), rng.normal(size=(q, n))
+    out = gt_study.agreement.paired_lds(a, b, masks, losses, n_boot=200, seed=4)
+    by_query = lds_per_query(a, masks, losses) - lds_per_query(b, masks, losses)
+    assert out["value"] == pytest.approx(by_query.mean(), abs=1e-12) and out["n_queries"] == q
+    hand_rng, draws = np.random.default_rng(4), []  # the same draws, recomputed with scipy one query at a time
+    for _ in range(200):
+        im, iq = hand_rng.integers(0, m, m), hand_rng.integers(0, q, q)
+        pa, pb, y = (masks[im] @ a.T)[:, iq], (masks[im] @ b.T)[:, iq], -losses[im][:, iq]
+        d = [scipy.stats.spearmanr(pa[:, j], y[:, j]).statistic - scipy.stats.spearmanr(pb[:, j], y[:, j]).statistic
+             for j in range(q)]
+        draws.append(np.nanmean(d))
+    np.testing.assert_allclose(out["ci"], np.quantile(draws, [0.025, 0.975]), atol=1e-12)
+    assert out["ci"][0] > 0  # a method near the truth beats a random one, and the interval says so
+    few = gt_study.agreement.paired_lds(a[:4], b[:4], masks, losses[:, :4], n_boot=200)
+    assert np.isnan(few["ci"]).all() and "no interval" in few["note"]  # fewer than 8 queries: no interval
+    rank = gt_study.agreement.paired_rank(a, b, truth, n_boot=200, seed=0)
+    assert rank["value"] == pytest.approx(np.mean([scipy.stats.spearmanr(x, t).statistic -
+                                                   scipy.stats.spearmanr(y, t).statistic
+                                                   for x, y, t in zip(a, b, truth)]), abs=1e-12)
+
+
+def test_every_row_of_an_agreement_table_is_scored_on_the_same_queries():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(5, 6))
+    masks = lds_masks(6, 10, 0.5, seed=0)
+    truths = {"trajectory": {"scores": truth[[1, 3]], "queries": np.array([1, 3]), "rows": np.arange(6)},
+              "lds": {"masks": masks, "losses": -(masks @ truth.T)}}
+    method = rng.normal(size=(5, 6))
+    as_method = gt_study.as_method_scores("trajectory", truths["trajectory"], 5, 6)
+    queries = {k: gt_study.common_queries(k, t, [method, as_method]) for k, t in truths.items()}
+    assert {k: list(q) for k, q in queries.items()} == {"trajectory": [1, 3], "lds": [1, 3]}
+    a = gt_study.agreement_with(method, truths, n_boot=0, queries=queries)
+    b = gt_study.agreement_with(as_method, truths, n_boot=0, queries=queries)
+    assert a["lds"]["queries"] == b["lds"]["queries"] == [1, 3]
+    assert a["lds"]["value"] == pytest.approx(np.mean(lds_per_query(method[[1, 3]], masks,
+                                                                    truths["lds"]["losses"][:, [1, 3]])))
+    alone = gt_study.agreement_with(method, truths, n_boot=0)  # no table: LDS on every test row
+    assert alone["lds"]["queries"] == [0, 1, 2, 3, 4]
+
+
+def test_pbrf_flags_a_solve_that_did_not_converge(setup, tmp_path):
+    model, lora, task, run, queries = setup
+    theta = init_adapters(jax.random.key(0), model, lora, b_std=0.1)
+    config = gt_study.GroundTruthConfig(kinds=("pbrf",), max_queries=1, pbrf_rows=2, pbrf_iters=2, pbrf_tol=1e-6)
+    with jax.enable_x64(True):
+        truth = gt_study.compute(run, theta, queries, config, str(tmp_path))
+    facts = gt_study.summary(truth)["pbrf"]
+    assert facts["converged"] is False and facts["max_relative_grad_norm"] > 1e-6
+    assert gt_study.pbrf_converged(dict(truth["pbrf"], tol=np.asarray(10.0)))  # a loose tolerance passes
+
+
+def test_adam_tracin_equals_a_hand_sum(setup, tmp_path):
+    """sum_c w_c <g_q(theta_c), diag(1 / (sqrt(v_hat) + eps)) g_n(theta_c)>, v_hat from the AdamW state saved at
+    the end of c's interval, computed here with plain jax.grad and the raw orbax restore."""
+    import orbax.checkpoint as ocp
+
+    from jaxinf import attribution
+
+    model, lora, task, run, queries = setup
+    config = dataclasses.replace(CONFIG, checkpoint_every=1, grad_accum=1)
+    with jax.enable_x64(True):
+        trained, _ = recipes.finetune_lora(model, lora, task, config, str(tmp_path))
+        fns = LMFunctions(model, lora)
+        chosen, ends = [0, 2], [2, 4]
+        ckpts = attribution.tracin_checkpoints(str(tmp_path), trained, chosen)
+        pre = attribution.adam_preconditioners(str(tmp_path), trained, ends)
+        scores = attribution.adam_tracin_scores(fns, [(t, w, p) for (t, w), p in zip(ckpts, pre)], task.test,
+                                                task.train, chunk_size=4)
+        train = recipes.batch_arrays(task.train)
+        expected = np.zeros_like(scores)
+        with training.checkpoint_manager(str(tmp_path)) as mngr:
+            for (theta, w), end in zip(ckpts, ends):
+                raw = mngr.restore(end, args=ocp.args.StandardRestore())["opt_state"]
+                adam = attribution.baselines._adam_state(raw)  # locate the {count, mu, nu} node; the maths is here
+                nu, count = ravel_pytree(adam["nu"])[0], float(adam["count"])
+                p = 1.0 / (np.sqrt(np.asarray(nu) / (1 - 0.999 ** count)) + 1e-8)
+                grad = lambda batch, i: np.asarray(ravel_pytree(jax.grad(
+                    lambda t: fns.per_example_loss(t, {k: jnp.asarray(v[i:i + 1]) for k, v in batch.items()})[0])(theta))[0])
+                gq = np.stack([grad(queries, i) for i in range(N_TEST)])
+                gn = np.stack([grad(train, i) for i in range(N_TRAIN)])
+                expected += w * (gq * p) @ gn.T
+    np.testing.assert_allclose(scores, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())
+    assert np.abs(expected).max() > 0 and all(w > 0 for _, w in ckpts)

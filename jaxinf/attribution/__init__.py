@@ -16,6 +16,8 @@ matrices [N, D] ravel each pytree in `jax.tree.leaves` order (as `jax.flatten_ut
 
 from jaxinf.attribution.baselines import (
     POOLINGS,
+    adam_preconditioners,
+    adam_tracin_scores,
     cosine_matrix,
     gradient_cosine,
     gradient_dot,

@@ -5,6 +5,12 @@
 * TracInCP (Pruthi et al. 2020):  s(q, n) = sum_c w_c <g_q(theta_c), g_n(theta_c)>, theta_c saved checkpoints and
   w_c the learning-rate mass the checkpoint stands for (`tracin_lr_weights`). TracIn's derivation assumes SGD;
   our fine-tuning uses AdamW, so this is the usual heuristic, not the exact first-order change.
+* Adam-preconditioned TracIn (`adam_tracin_scores`): s(q, n) = sum_c w_c <g_q(theta_c), P_c g_n(theta_c)> with
+  P_c = diag(1 / (sqrt(v_hat) + eps)) the per-coordinate step AdamW took at the end of checkpoint c's interval
+  (the checkpoint the next one in the sum starts from, or the final one; v_hat = nu / (1 - b2^count) from the
+  optimiser state saved there; the end, because the state at step 0 has no second moment yet). It follows the
+  optimiser's path as the fine-tuning's own updates did, so it tells "a ground truth that rewards path-following
+  methods" apart from "influence functions fail".
 * RepSim: s(q, n) = cos(h_q, h_n), h = last hidden state (after the final norm) of the fine-tuned model at the
   final prompt token (`pooling="prompt_end"`, the study's choice) or averaged over the response tokens
   (`pooling="response_mean"`: positions t > prompt_end with attention_mask = 1).
@@ -128,6 +134,63 @@ def tracin_scores(loss, checkpoints: Sequence[tuple[PyTree, float]], query_data,
         if w == 0.0:
             continue
         gq = per_example_gradients(loss, trainable, query_data, chunk_size=chunk_size)
+        train = LazyGradients(loss, trainable, train_data, chunk_size=chunk_size)
+        s = w * pairwise_scores(gq, train, progress=False)
+        total = s if total is None else total + s
+    if total is None:
+        raise ValueError("every checkpoint has weight 0: nothing to sum")
+    return total
+
+
+def _adam_state(opt_state) -> Optional[dict]:
+    """The {"count", "mu", "nu"} node of a raw (untyped) orbax restore of an optax AdamW state."""
+    if isinstance(opt_state, dict):
+        if {"count", "mu", "nu"} <= set(opt_state):
+            return opt_state
+        children = list(opt_state.values())
+    elif isinstance(opt_state, (list, tuple)):
+        children = list(opt_state)
+    else:
+        return None
+    for child in children:
+        found = _adam_state(child)
+        if found is not None:
+            return found
+    return None
+
+
+def adam_preconditioners(workdir: str, like: PyTree, steps: Sequence[int]) -> list[PyTree]:
+    """[P_s] for each checkpoint step s: diag(1 / (sqrt(nu_s / (1 - b2^count_s)) + eps)) as a pytree like `like`,
+    from the AdamW state saved with the checkpoint (b2, eps: `training.ADAM_B2`, `training.ADAM_EPS`)."""
+    import orbax.checkpoint as ocp
+
+    from jaxinf.training import ADAM_B2, ADAM_EPS, checkpoint_manager
+
+    out = []
+    with checkpoint_manager(workdir) as mngr:
+        for s in steps:
+            adam = _adam_state(mngr.restore(int(s), args=ocp.args.StandardRestore())["opt_state"])
+            if adam is None or int(np.asarray(adam["count"])) == 0:
+                raise ValueError(f"{workdir}/checkpoints step {s} holds no AdamW second moment (count 0 or no "
+                                 "Adam state): Adam-TracIn needs a checkpoint after at least one step")
+            bias = 1.0 - ADAM_B2 ** float(np.asarray(adam["count"]))
+            out.append(jax.tree.map(lambda l, nu: jnp.asarray(1.0 / (np.sqrt(np.asarray(nu, np.float64) / bias)
+                                                                      + ADAM_EPS), l.dtype), like, adam["nu"]))
+    return out
+
+
+def adam_tracin_scores(loss, checkpoints: Sequence[tuple[PyTree, float, PyTree]], query_data, train_data, *,
+                       chunk_size: int = 16, progress: bool = False) -> np.ndarray:
+    """s[q, n] = sum_c w_c <g_q(theta_c), P_c g_n(theta_c)> over `checkpoints` = [(trainable_c, w_c, P_c)] with
+    P_c a diagonal preconditioner as a pytree like the trainable (`adam_preconditioners`). numpy [Q, N]."""
+    from jaxinf.attribution.gradients import flatten_rows
+
+    total = None
+    for trainable, w, precond in tqdm(checkpoints, desc="Adam-TracIn checkpoints", disable=not progress):
+        if w == 0.0:
+            continue
+        p = flatten_rows(jax.tree.map(lambda x: x[None], precond))  # [1, D], the gradients' flattening order
+        gq = as_matrix(per_example_gradients(loss, trainable, query_data, chunk_size=chunk_size)) * p
         train = LazyGradients(loss, trainable, train_data, chunk_size=chunk_size)
         s = w * pairwise_scores(gq, train, progress=False)
         total = s if total is None else total + s

@@ -75,7 +75,7 @@ def _solve(fns, iters, base, theta_s, train, teacher, rows, eps, damping):
 
         delta0 = jnp.zeros_like(flat_s)
         (delta, _), _ = jax.lax.scan(step, (delta0, opt.init(delta0)), None, length=iters)
-        return delta, jnp.linalg.norm(jax.grad(objective)(delta))
+        return delta, jnp.linalg.norm(jax.grad(objective)(delta)), jnp.linalg.norm(jax.grad(objective)(delta0))
 
     return jax.vmap(solve_one)(rows)
 
@@ -87,11 +87,12 @@ def _query_losses(fns, base, params, queries):
 
 def pbrf_scores(fns: LMFunctions, theta_s: Any, train: dict, queries: dict, rows: Sequence[int], *,
                 eps: float = 1e-3, damping: float = 1e-3, iters: int = 100, chunk: int = 8) -> dict:
-    """PBRF influence {"scores": [Q, len(rows)], "grad_norm": [len(rows)]}.
+    """PBRF influence {"scores": [Q, len(rows)], "grad_norm": [len(rows)], "grad_norm_0": [len(rows)]}.
 
     scores[q, j] = -(L_q(theta*(eps)) - L_q(theta_s)) / eps for row n = rows[j] (one-sided difference of the
     response, bias O(eps)); `damping` = lambda (absolute); `iters` L-BFGS steps; `chunk` rows vmapped at once.
-    grad_norm is the final gradient norm of the scaled objective (0 at the exact minimiser).
+    grad_norm is the final gradient norm of the scaled objective (0 at the exact minimiser), grad_norm_0 its
+    norm at the start (delta = 0, where it is ||grad L_n(theta_s)||): their ratio says how far L-BFGS got.
     """
     train = {k: jnp.asarray(np.asarray(train[k])) for k in training.BATCH_KEYS}
     queries = {k: jnp.asarray(np.asarray(queries[k])) for k in training.BATCH_KEYS}
@@ -100,16 +101,17 @@ def pbrf_scores(fns: LMFunctions, theta_s: Any, train: dict, queries: dict, rows
     flat_s, unravel = ravel_pytree(theta_s)
     l_q_s = _query_losses(fns, base, theta_s, queries)
     rows = np.asarray(rows, np.int64)
-    scores, norms = [], []
+    scores, norms, norms_0 = [], [], []
     with progress.stage("PBRF", total=len(rows), unit="row") as bar:
         for start in range(0, len(rows), chunk):
             part = rows[start:start + chunk]
             padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part))])
-            delta, gnorm = _solve(fns, int(iters), base, theta_s, train, teacher, jnp.asarray(padded), eps, damping)
+            delta, gnorm, gnorm_0 = _solve(fns, int(iters), base, theta_s, train, teacher, jnp.asarray(padded), eps, damping)
             for j in range(len(part)):
                 l_q = _query_losses(fns, base, unravel(flat_s + eps * delta[j]), queries)
                 scores.append(-np.asarray(l_q - l_q_s, np.float64) / eps)
             norms.extend(np.asarray(gnorm, np.float64)[:len(part)].tolist())
+            norms_0.extend(np.asarray(gnorm_0, np.float64)[:len(part)].tolist())
             bar.update(len(part))
     return {"scores": np.stack(scores, 1) if scores else np.zeros((queries["input_ids"].shape[0], 0)),
-            "grad_norm": np.asarray(norms)}
+            "grad_norm": np.asarray(norms), "grad_norm_0": np.asarray(norms_0)}

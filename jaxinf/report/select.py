@@ -18,6 +18,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 import chex
+import jax
 import numpy as np
 
 from jaxinf import attribution, study
@@ -68,14 +69,18 @@ def token_scores(name: str, inputs: study.StudyInputs, directions: Optional[np.n
     rows = [int(r) for r in rows]
     batch = _batch(inputs.train, rows)
     t = batch["input_ids"].shape[1]
-    if name == "tracin":
+    if name in ("tracin", "tracin_adam"):
         out = np.zeros((len(rows), t))
         qdata = inputs.test.select(np.array([query]))
-        for trainable, w in study.tracin_checkpoints(inputs):
+        ckpts = (study.tracin_adam_checkpoints(inputs) if name == "tracin_adam"
+                 else [(c, w, None) for c, w in study.tracin_checkpoints(inputs)])
+        for trainable, w, precond in ckpts:
             if w == 0.0:
                 continue
             # the study's chunk size: the query is padded to the gradient program TracIn already compiled
             gq = attribution.per_example_gradients(inputs.fns, trainable, qdata, chunk_size=inputs.preset.grad_chunk)[0]
+            if precond is not None:  # <P g_q, g_n> split over g_n's tokens
+                gq = gq * attribution.flatten_rows(jax.tree.map(lambda x: x[None], precond))[0]
             out += w * attribution.per_token_scores(inputs.fns, trainable, batch, gq)
     elif directions is None:
         return None

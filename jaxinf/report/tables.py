@@ -115,16 +115,78 @@ def ground_truth_table(result_set: dict) -> str:
     rows, kinds, facts = result_set["gt_rows"], result_set["gt_kinds"], result_set["gt_summary"]
     if not kinds:
         return ""
-    lines = ["\nagreement with counterfactual ground truth (LDS for lds; mean per-query Spearman for the others; "
-             "larger = better, 1 = perfect)", f"{'method':14s} " + " ".join(f"{k:>16s}" for k in kinds)]
+    lines = ["\nagreement with counterfactual ground truth (LDS for lds / lds_masked; mean per-query Spearman for the "
+             "others; larger = better, 1 = perfect); every row of a column on the same queries (n); no interval "
+             "from fewer than 8 queries", f"{'method':14s} " + " ".join(f"{k:>22s}" for k in kinds)]
+
+    def cell(r, k):
+        if f"gt_{k}" not in r or not np.isfinite(r[f"gt_{k}"]):
+            return "-"
+        lo, hi = r.get(f"gt_{k}_lo", np.nan), r.get(f"gt_{k}_hi", np.nan)
+        ci = f"[{lo:5.2f},{hi:5.2f}]" if np.isfinite(lo) and np.isfinite(hi) else "[no CI]"
+        n = r.get(f"gt_{k}_n")
+        return f"{r[f'gt_{k}']:6.3f} {ci}" + (f" n={n:g}" if n is not None and np.isfinite(n) else "")
+
     for r in rows:
-        cells = [f"{r[f'gt_{k}']:6.3f} [{r[f'gt_{k}_lo']:5.2f},{r[f'gt_{k}_hi']:5.2f}]"
-                 if f"gt_{k}" in r and np.isfinite(r[f"gt_{k}"]) else f"{'-':>16s}" for k in kinds]
-        lines.append(f"{r['method']:14s} " + " ".join(f"{c:>16s}" for c in cells))
+        flag = "" if r.get("converged", True) else "  NOT CONVERGED"
+        lines.append(f"{r['method']:14s} " + " ".join(f"{cell(r, k):>22s}" for k in kinds) + flag)
     lines.append("ground truths: " + "; ".join(f"{k} {v['seconds']:.0f} s" + (
-        f" ({v['subsets']} subsets of {v['fraction']:.2f})" if k == "lds"
+        f" ({v['subsets']} subsets of {v['fraction']:.2f}"
+        + (f", {len(v['seeds'])} seeds, seed-to-seed {v['seed_to_seed_spearman']:.2f}" if "seed_to_seed_spearman" in v
+           else "") + ")" if "subsets" in v
         else f" ({len(v['queries'])} queries x {v['rows']} rows)") + (
-        f", replay error {v['replay_error']:.1e}" if "replay_error" in v else "") for k, v in facts.items()))
+        f", replay error {v['replay_error']:.1e}" if "replay_error" in v else "") + (
+        "" if v.get("converged", True) else ", NOT CONVERGED") for k, v in facts.items()))
+    paired = result_set.get("results", {}).get("paired") or {}
+    for k, table in paired.items():
+        cells = []
+        for method, entry in table.items():
+            d = entry.get("vs_grad_dot") or entry.get("vs_exact")
+            which = "grad_dot" if "vs_grad_dot" in entry else "exact"
+            if d is None or not np.isfinite(d["value"]):
+                continue
+            lo, hi = d["ci"]
+            ci = f" [{lo:.2f},{hi:.2f}]" if np.isfinite(lo) and np.isfinite(hi) else ""
+            cells.append(f"{method}-{which} {d['value']:+.3f}{ci}")
+        first = next((d for entry in table.values() for d in entry.values()), None)
+        if cells and first is not None:
+            lines.append(f"paired {k} ({first['n_queries']} queries; difference [95% interval]): " + "; ".join(cells))
     lines.append(f"ground truth: {result_set['dir']}/ground_truth.json (value, lo, hi per method, ground truths "
                  "included), gt_agreement.png")
     return "\n".join(lines)
+
+
+def plot_paired(rows: Sequence[dict], path: str, title: str, *, against: str = "grad_dot") -> None:
+    """evidence.png: each method's paired difference against `against` with its 95% interval, one panel per
+    dataset and ground truth, at the first damping value of each (rows: `jaxinf.evidence.evidence_rows`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["dataset"], r["ground_truth"]) for r in rows})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (name, kind) in zip(axes[0], panels):
+        mine = [r for r in rows if (r["dataset"], r["ground_truth"]) == (name, kind)]
+        first = min(r["damping"] for r in mine)
+        mine = [r for r in mine if r["damping"] == first and r["method"] != against
+                and np.isfinite(r[f"vs_{against}"])]
+        vals = np.array([r[f"vs_{against}"] for r in mine])
+        lo = np.array([r[f"vs_{against}_lo"] for r in mine])
+        hi = np.array([r[f"vs_{against}_hi"] for r in mine])
+        ok = np.isfinite(lo) & np.isfinite(hi)
+        err = np.where(ok, [vals - np.where(ok, lo, vals), np.where(ok, hi, vals) - vals], 0.0)
+        colors = ["tab:green" if o and l > 0 else "tab:red" if o and h < 0 else "tab:gray"
+                  for o, l, h in zip(ok, lo, hi)]
+        ax.barh([r["method"] for r in mine], vals, xerr=err, color=colors, alpha=0.85)
+        ax.axvline(0.0, color="k", lw=0.8)
+        ax.set_title(f"{name}: {kind} (damping {first:g})", fontsize=9)
+        ax.set_xlabel(f"minus {against}")
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
