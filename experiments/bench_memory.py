@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import resource
 import tempfile
@@ -28,9 +27,9 @@ import numpy as np
 import psutil
 from absl import app, flags
 
-from jaxinf import attribution, recipes, runtime, study, training
-from jaxinf.groundtruth import study as gt_study
-from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
+from jaxinf import attribution, cli, pipeline, runtime, study
+from jaxinf.models import DEFAULT_MODEL, LMFunctions
+from jaxinf.workdir import read_json, write_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", DEFAULT_MODEL, "model name or local HF dir (as experiments.attribute)")
@@ -101,83 +100,64 @@ class StageMemory:
             self._on_stage(self.stages)
 
 
-def _limit(flag_value, preset_value):
-    if flag_value is None:
-        return preset_value
-    return None if flag_value == 0 else flag_value
-
-
-def run(workdir: str, mem: StageMemory) -> dict:
-    preset = study.PRESETS[FLAGS.preset]
+def run(config, workdir: str, mem: StageMemory) -> dict:
+    """The study's first stages (`jaxinf.pipeline`'s model, task and fine-tuning), then gradients, ground truths and
+    methods, each a measured stage."""
+    preset = config.sizes
     with mem.stage("load_model"):
-        model = load_model(FLAGS.model, seed=FLAGS.seed)
+        model = pipeline.load_study_model(config)
     weights_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(model.params))
     with mem.stage("tokenize"):
-        task = recipes.load_task(model, recipes.TaskConfig(
-            source=FLAGS.data, template=preset.template, max_length=preset.max_length,
-            limit_train=_limit(FLAGS.limit_train, preset.limit_train),
-            limit_test=_limit(FLAGS.limit_test, preset.limit_test), seed=FLAGS.seed))
-    harmful = "harmful" in set(task.train.groups.tolist())
-    epochs = FLAGS.epochs or (preset.epochs_harmful if harmful and preset.epochs_harmful else preset.epochs)
-    n_train = len(task.train_rows)
-    steps = max(1, int(np.ceil(epochs * n_train / preset.batch_size)))
-    train_config = training.TrainConfig(steps=steps, batch_size=min(preset.batch_size, n_train), lr=preset.lr,
-                                        checkpoint_every=max(1, steps // preset.tracin_checkpoints),
-                                        seed=FLAGS.seed)
-    lora = LoraConfig(dropout=preset.lora_dropout)
-    ft_dir = os.path.join(workdir, "finetune")
+        task = pipeline.load_study_task(config, model)
     with mem.stage("finetune"):
-        adapters, _ = recipes.finetune_lora(model, lora, task, train_config, ft_dir)
+        adapters, log, train_config, lora = pipeline.finetune(config, model, task, workdir)
     fns = LMFunctions(model, lora)
     grads = {}
     for split in ("train", "test"):
         with mem.stage(f"gradients_{split}"):
             flat = attribution.per_example_gradients(fns, adapters, getattr(task, split), chunk_size=preset.grad_chunk)
             grads[split] = attribution.unflatten_rows(np.asarray(flat), adapters, stacked=False)
-    gt_config = gt_study.GroundTruthConfig(max_queries=FLAGS.gt_queries or None, lds_subsets=FLAGS.gt_subsets,
-                                           lds_fraction=0.5, seed=FLAGS.seed)
-    run_replay = gt_study.replay(fns, adapters, recipes.batch_arrays(task.train), train_config, ft_dir)
-    for kind in FLAGS.ground_truth:
+    inputs = study.StudyInputs(fns=fns, adapters=adapters, train=task.train, test=task.test,
+                               workdir=os.path.join(workdir, "finetune"), preset=preset, train_grads=grads["train"],
+                               test_grads=grads["test"], seed=config.seed)  # as pipeline.prepare's
+    prepared = pipeline.Prepared(config, model, task, adapters, log, inputs, train_config,
+                                 pipeline.study_epochs(config, task))
+    for kind in config.ground_truth.kinds:  # the study's ground-truth call, one kind per stage
         with mem.stage(f"ground_truth_{kind}"):
-            gt_study.compute(run_replay, adapters, recipes.batch_arrays(task.test),
-                             dataclasses.replace(gt_config, kinds=(kind,)), os.path.join(workdir, "groundtruth"))
-    inputs = study.StudyInputs(fns=fns, adapters=adapters, train=task.train, test=task.test, workdir=ft_dir,
-                               preset=preset, train_grads=grads["train"], test_grads=grads["test"], seed=FLAGS.seed)
-    for method in FLAGS.methods:
+            one = dataclasses.replace(config, ground_truth=dataclasses.replace(config.ground_truth, kinds=(kind,)))
+            pipeline.ground_truths(one, prepared, workdir)
+    for method in config.methods:
         if method in ("kfac", "ekfac") and not any(s["stage"] == "kfac_fit" for s in mem.stages):
             with mem.stage("kfac_fit"):
                 inputs.kfac_factors  # noqa: B018 (fits and caches the factors)
         with mem.stage(method):
             study.run_method(method, inputs)
-    return {"model": model.name, "model_weights_mib": weights_bytes / MIB, "n_train": n_train,
+    return {"model": model.name, "model_weights_mib": weights_bytes / MIB, "n_train": len(task.train_rows),
             "n_test": len(task.test_rows), "seq_len": int(task.train.input_ids.shape[1]),
-            "finetune_steps": steps}
+            "finetune_steps": train_config.steps}
 
 
 def main(argv):
     del argv
     runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
-    unknown = [m for m in FLAGS.methods if m not in study.METHODS]
-    if unknown:
-        raise app.UsageError(f"unknown --methods {unknown}; choose from {list(study.METHODS)}")
+    # --model, --data, --preset, --seed, --epochs, --limit_*, --methods, --ground_truth, --gt_*: one StudyConfig
+    config = cli.study_config_from_flags()
     partial = FLAGS.out + ".partial.json"
-    with StageMemory(FLAGS.sample_ms / 1000.0, on_stage=lambda stages: recipes.write_json(partial, stages)) as mem:
+    with StageMemory(FLAGS.sample_ms / 1000.0, on_stage=lambda stages: write_json(partial, stages)) as mem:
         baseline = mem._rss() / MIB
         with contextlib.ExitStack() as stack:
             workdir = FLAGS.workdir or stack.enter_context(tempfile.TemporaryDirectory())
-            info = run(workdir, mem)
+            with cli.user_errors():
+                info = run(config, workdir, mem)
     peak = max(s["peak_rss_mib"] for s in mem.stages)
     result = dict(info, data=FLAGS.data, preset=FLAGS.preset, platform=jax.devices()[0].platform,
                   rss_after_imports_mib=baseline, peak_rss_mib=peak,
                   peak_above_weights_mib=peak - info["model_weights_mib"],
                   peak_above_imports_and_weights_mib=peak - baseline - info["model_weights_mib"],
                   worst_stage=max(mem.stages, key=lambda s: s["peak_rss_mib"])["stage"], stages=mem.stages)
-    existing = {}
-    if os.path.exists(FLAGS.out):
-        with open(FLAGS.out) as f:
-            existing = json.load(f)
+    existing = read_json(FLAGS.out) if os.path.exists(FLAGS.out) else {}
     existing[f"{result['model']}/{FLAGS.data}/{FLAGS.preset}/{info['n_train']}x{info['n_test']}"] = result
-    recipes.write_json(FLAGS.out, existing)
+    write_json(FLAGS.out, existing)
     os.remove(partial)
     print(f"peak {peak:.0f} MiB = imports {baseline:.0f} + weights {info['model_weights_mib']:.0f} + "
           f"{result['peak_above_imports_and_weights_mib']:.0f} MiB; worst stage {result['worst_stage']}")

@@ -129,45 +129,168 @@ def _run(args, tmp_path):
     return proc
 
 
-@pytest.mark.slow  # a subprocess that fine-tunes and compiles: about a minute of CPU or more
-def test_behaviour_binary_end_to_end(tmp_path):
+def _study(limit_train=8):
+    from jaxinf.pipeline import DataConfig, StudyConfig
+
+    return StudyConfig(model="tiny-llama", data=DataConfig("backdoor", limit_train=limit_train, limit_test=4))
+
+
+def _finite(*values):
+    return all(np.isfinite(v) for v in values)
+
+
+# ------------------------------------------------------------------------------ the library calls, in process
+def test_convergence_run_measures_every_checkpoint_and_resumes(tmp_path):
+    from jaxinf.explanations import convergence
+
+    wd = str(tmp_path / "conv")
+    config = convergence.ConvergenceConfig(_study(), epochs=2, checkpoints=2, methods=("grad_dot", "exact"),
+                                           spectrum_rows=2, lanczos_iters=4, ground_truth_queries=2)
+    res = convergence.run(config, wd)
+    assert [c["step"] for c in res["checkpoints"]] == [1, 2]
+    assert res["steps"] == 2 and res["checkpoint_every"] == 1 and res["n_train"] == 8 and res["n_test"] == 4
+    assert res["ground_truth"]["queries"] == 2 and res["damping_fraction"] == 0.1
+    log = [json.loads(line) for line in open(os.path.join(wd, "finetune", "convergence.jsonl"))]
+    for c in res["checkpoints"]:
+        assert c["optim"]["loss"] == log[c["step"] - 1]["loss"] and c["epoch"] == c["step"]
+        assert set(c["methods"]) == {"grad_dot", "exact"} and c["lambda"] > 0
+        for m in c["methods"].values():
+            assert 0 <= m["cover"] <= 1 and 0 <= m["auc"] <= 1 and -1 <= m["ground_truth_spearman"] <= 1
+        h = c["spectrum"]["hessian"]
+        assert _finite(h["min"], h["max"], h["negative_mass"]) and h["min"] <= h["max"]
+        assert c["spectrum"]["ggn"]["min"] > -1e-4 * c["spectrum"]["ggn"]["max"]
+        assert c["damping_vs_spectrum"]["damped_hessian_pd_at_ritz"] == (h["min"] + c["lambda"] > 0)
+        assert json.load(open(os.path.join(wd, "steps", f"{c['step']}.json"))) == c
+    for name in ("convergence.json", "convergence.png", "ground_truth.npz"):
+        assert os.path.exists(os.path.join(wd, name)), name
+    assert json.load(open(os.path.join(wd, "convergence.json"))) == res
+    # resumed: every checkpoint, the ground truth and the fine-tuning come from the workdir
+    stamps = {p: os.path.getmtime(os.path.join(wd, p)) for p in ("steps/1.json", "steps/2.json", "ground_truth.npz")}
+    assert convergence.run(config, wd) == res
+    assert stamps == {p: os.path.getmtime(os.path.join(wd, p)) for p in stamps}
+
+
+def test_convergence_config_refuses_unusable_settings():
+    import dataclasses
+
+    from jaxinf.explanations import convergence
+
+    good = convergence.ConvergenceConfig(_study())
+    for change, match in (({"methods": ("tracin",)}, "methods"), ({"checkpoints": 0}, "checkpoints"),
+                          ({"epochs": 0.0}, "epochs"), ({"spectrum_rows": -1}, "spectrum_rows"),
+                          ({"study": dataclasses.replace(_study(), damping=(0.1, 1.0))}, "damping")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(good, **change).validate()
+
+
+def test_ihvp_error_run_reaches_the_reference_and_resumes(tmp_path):
+    import dataclasses
+
+    from jaxinf.explanations import ihvp_error
+
+    wd = str(tmp_path / "ie")
+    # the Hessian (indefinite: CG and LiSSA fail) is the slow binary test's; each model curvature costs ~30 s
+    config = ihvp_error.IhvpErrorConfig(_study(), curvatures=("fisher", "ggn"), queries=2, rows=2, dampings=(1.0,),
+                                        cg_iters=(2, 64), lissa_depths=(8,), lanczos_iters=(4,))
+    res = ihvp_error.run(config, wd)
+    assert res["queries"] == 2 and res["rows_in_model_operators"] == 2 and res["n_train"] == 8
+    assert [r["curvature"] for r in res["references"]] == ["fisher", "ggn"]
+    fisher = res["references"][0]
+    assert fisher["reference"]["relative_residual"] == 0.0  # dense or Woodbury: exact
+    # lambda = f tr(F) / D of the cached gradients (StudyInputs.global_lambda)
+    g = np.load(os.path.join(wd, "grads.npz"))["train"].astype(np.float64)
+    assert g.shape[0] == 8 and np.load(os.path.join(wd, "grads.npz"))["test"].shape[0] == 2
+    np.testing.assert_allclose(fisher["lambda"], np.mean(np.sum(g * g, 1)) / g.shape[1], rtol=1e-10)
+    for ref in res["references"]:
+        assert ref["dim"] == g.shape[1] and ref["trace"] > 0 and ref["reference"]["relative_residual"] < 1e-3
+        assert all(0 <= ref["metrics"][k] <= 1 for k in ("acc", "cover", "auc"))
+    for kind in ("fisher", "ggn"):  # PSD + damping: CG with as many products as needed reaches the dense solve
+        cg = [r for r in res["solvers"] if r["curvature"] == kind and r["solver"] == "cg"]
+        assert cg[-1]["param_error"] < 1e-3 and cg[-1]["score_spearman"] > 0.99, cg
+        assert cg[0]["param_error"] > cg[-1]["param_error"]
+    assert {r["solver"] for r in res["solvers"]} == {"grad_match", "cg", "lissa", "lanczos"}
+    for r in res["solvers"]:
+        assert ("error" in r) != ("param_error" in r)
+        if "param_error" in r:
+            assert _finite(r["param_error"], r["score_spearman"])
+    assert os.path.exists(os.path.join(wd, "ihvp_error.png"))
+    # resumed: the fine-tuning and gradients come from the workdir, the solves give the same numbers
+    stamp = os.path.getmtime(os.path.join(wd, "grads.npz"))
+    again = ihvp_error.run(dataclasses.replace(config, curvatures=("fisher",)), wd)
+    assert os.path.getmtime(os.path.join(wd, "grads.npz")) == stamp
+
+    def no_time(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert no_time(again["references"]) == no_time(res["references"][:1])
+    assert no_time(again["solvers"]) == no_time([r for r in res["solvers"] if r["curvature"] == "fisher"])
+    with pytest.raises(ValueError, match="dampings"):
+        dataclasses.replace(config, dampings=(0.0,)).validate()
+    with pytest.raises(ValueError, match="curvatures"):
+        dataclasses.replace(config, curvatures=("kfac",)).validate()
+
+
+def test_behaviour_run_measures_each_variant_and_resumes(tmp_path):
+    import dataclasses
+
+    from jaxinf.explanations import behaviour
+
     wd = str(tmp_path / "beh")
-    args = ["experiments.behaviour", "--model=tiny-llama", "--data=backdoor", "--limit_train=12", "--limit_test=4",
-            "--epochs=1", "--max_new_tokens=2", "--fractions=0.5", "--variants=full,trigger_1@0.5",
-            f"--workdir={wd}"]
-    _run(args, tmp_path)
-    res = json.load(open(os.path.join(wd, "behaviour.json")))
-    assert os.path.exists(os.path.join(wd, "behaviour.png"))
-    names = [r["name"] for r in res["rows"]]
-    assert names == ["full", "trigger_1@0.5"] and res["kind"] == "backdoor"
+    study = dataclasses.replace(_study(limit_train=12), epochs=1.0)
+    config = behaviour.BehaviourConfig(study, fractions=(0.5,), variants=("full", "trigger_1@0.5"), max_new_tokens=2)
+    res = behaviour.run(config, wd)
+    assert [r["name"] for r in res["rows"]] == ["full", "trigger_1@0.5"] and res["kind"] == "backdoor"
     full, frac = res["variants"]["full_s0"], res["variants"]["trigger_1@0.5_s0"]
     assert frac["groups"]["trigger_1"] == round(0.5 * full["groups"]["trigger_1"])
     assert frac["groups"]["clean"] == full["groups"]["clean"]
+    assert full["n_train"] == 12 and frac["n_train"] < 12
+    for m in (full, frac):  # the study's schedule: batches of min(preset batch 8, N) rows, one epoch
+        assert m["steps"] == -(-m["n_train"] // min(8, m["n_train"]))
     assert res["rows"][0]["distance_to_full"] == 0.0 and res["rows"][1]["distance_to_full"] > 0
-    assert 0 <= full["asr"] <= 1 and len(full["answers"]) == 4
-    # cached: a second run reuses every variant and gives the same numbers
-    _run(args, tmp_path)
-    assert json.load(open(os.path.join(wd, "behaviour.json")))["rows"] == res["rows"]
+    for m in (full, frac):
+        assert 0 <= m["asr"] <= 1 and 0 <= m["clean_refusal"] <= 1 and len(m["answers"]) == 4
+        assert m["param_change"]["total"] > 0 and _finite(m["test_loss_mean"], m["final_loss"])
+    assert set(res["summary"]) >= {"behaviour_vs_param_change", "study_ratio"}
+    for name in ("full_s0", "trigger_1@0.5_s0"):
+        assert os.path.exists(os.path.join(wd, "variants", name, "measure.json"))
+    assert os.path.exists(os.path.join(wd, "behaviour.png"))
+    # resumed: every variant's fine-tuning and measurement come from the workdir
+    stamp = os.path.getmtime(os.path.join(wd, "variants", "full_s0", "measure.json"))
+    again = behaviour.run(config, wd)
+    assert again["rows"] == res["rows"] and again["variants"] == res["variants"]
+    assert os.path.getmtime(os.path.join(wd, "variants", "full_s0", "measure.json")) == stamp
+    with pytest.raises(ValueError, match="variants"):
+        behaviour.run(dataclasses.replace(config, variants=("nonsense",)), wd)
+    with pytest.raises(ValueError, match="fractions"):
+        dataclasses.replace(config, fractions=(2.0,)).validate()
+
+
+# --------------------------------------------------------------------------- the binaries, one subprocess each
+@pytest.mark.slow  # a subprocess that fine-tunes and compiles: about a minute of CPU or more
+def test_behaviour_binary_end_to_end(tmp_path):
+    wd = str(tmp_path / "beh")
+    proc = _run(["experiments.behaviour", "--model=tiny-llama", "--data=backdoor", "--limit_train=12",
+                 "--limit_test=4", "--epochs=1", "--max_new_tokens=2", "--fractions=0.5",
+                 "--variants=full,trigger_1@0.5", f"--workdir={wd}"], tmp_path)
+    res = json.load(open(os.path.join(wd, "behaviour.json")))
+    assert os.path.exists(os.path.join(wd, "behaviour.png"))
+    assert [r["name"] for r in res["rows"]] == ["full", "trigger_1@0.5"] and res["kind"] == "backdoor"
+    assert res["epochs"] == 1 and res["max_new_tokens"] == 2 and res["fractions"] == [0.5]
+    assert "behaviour_vs_param_change" in proc.stdout and "behaviour.json" in proc.stdout
 
 
 @pytest.mark.slow  # a subprocess that fine-tunes and compiles: about a minute of CPU or more
 def test_convergence_binary_end_to_end(tmp_path):
     wd = str(tmp_path / "conv")
-    _run(["experiments.convergence", "--model=tiny-llama", "--data=backdoor", "--limit_train=8", "--limit_test=4",
-          "--epochs=2", "--checkpoints=2", "--spectrum_rows=2", "--lanczos_iters=4", "--ground_truth_queries=2",
-          "--methods=grad_dot,exact", f"--workdir={wd}"], tmp_path)
+    proc = _run(["experiments.convergence", "--model=tiny-llama", "--data=backdoor", "--limit_train=8",
+                 "--limit_test=4", "--epochs=2", "--checkpoints=2", "--spectrum_rows=2", "--lanczos_iters=4",
+                 "--ground_truth_queries=2", "--methods=grad_dot,exact", f"--workdir={wd}"], tmp_path)
     res = json.load(open(os.path.join(wd, "convergence.json")))
     assert os.path.exists(os.path.join(wd, "convergence.png"))
-    steps = [c["step"] for c in res["checkpoints"]]
-    assert steps == [1, 2]
-    log = [json.loads(line) for line in open(os.path.join(wd, "finetune", "convergence.jsonl"))]
-    for c in res["checkpoints"]:
-        assert c["optim"]["loss"] == log[c["step"] - 1]["loss"]
-        assert set(c["methods"]) == {"grad_dot", "exact"}
-        assert -1 <= c["methods"]["exact"]["ground_truth_spearman"] <= 1
-        h = c["spectrum"]["hessian"]
-        assert h["min"] <= h["max"] and c["spectrum"]["ggn"]["min"] > -1e-4 * c["spectrum"]["ggn"]["max"]
-        assert c["damping_vs_spectrum"]["damped_hessian_pd_at_ritz"] == (h["min"] + c["lambda"] > 0)
+    assert [c["step"] for c in res["checkpoints"]] == [1, 2] and res["methods"] == ["grad_dot", "exact"]
+    assert res["spectrum_rows"] == 2 and res["lanczos_iters"] == 4 and res["ground_truth"]["queries"] == 2
+    assert all(-1 <= c["methods"]["exact"]["ground_truth_spearman"] <= 1 for c in res["checkpoints"])
+    assert "step 2: loss" in proc.stdout
 
 
 @pytest.mark.slow  # a subprocess that fine-tunes and compiles: about a minute of CPU or more
@@ -178,17 +301,15 @@ def test_ihvp_error_binary_end_to_end(tmp_path):
           f"--workdir={wd}"], tmp_path)
     res = json.load(open(os.path.join(wd, "ihvp_error.json")))
     assert os.path.exists(os.path.join(wd, "ihvp_error.png"))
-    assert {r["curvature"] for r in res["references"]} == {"fisher", "ggn", "hessian"}
-    for kind in ("fisher", "ggn"):  # PSD + damping: CG with as many products as needed reaches the dense solve
-        cg = [r for r in res["solvers"] if r["curvature"] == kind and r["solver"] == "cg"]
-        assert cg[-1]["param_error"] < 1e-3 and cg[-1]["score_spearman"] > 0.99, cg
-        assert cg[0]["param_error"] > cg[-1]["param_error"]
-    for r in res["solvers"]:
-        assert ("error" in r) != ("param_error" in r)
+    assert {r["curvature"] for r in res["references"]} == {"fisher", "ggn", "hessian"} and res["queries"] == 2
+    assert [r["budget"] for r in res["solvers"] if r["solver"] == "cg" and r["curvature"] == "fisher"] == [2, 64]
+    cg = [r for r in res["solvers"] if r["curvature"] == "fisher" and r["solver"] == "cg"]
+    assert cg[-1]["param_error"] < 1e-3 and cg[-1]["score_spearman"] > 0.99, cg
 
 
 def test_binaries_refuse_bad_flags(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.behaviour", "--model=tiny-llama", "--fractions=2",
                            f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert proc.returncode != 0 and "--fractions" in proc.stderr
+    # the config's one line (after absl's usage text), before any model is loaded
+    assert proc.returncode != 0 and "fractions=2" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
