@@ -91,7 +91,9 @@ def make_workload(workdir: str, vocab: int) -> None:
     rng = np.random.default_rng(FLAGS.seed + 1)
     tokens = {name: rng.integers(0, vocab, size=(n, FLAGS.seq_len)).astype(np.int32)
               for name, n in (("train", FLAGS.n_train), ("query", FLAGS.n_query))}
-    np.savez(os.path.join(workdir, "tokens.npz"), **tokens)
+    from jaxinf.workdir import write_npz
+
+    write_npz(os.path.join(workdir, "tokens.npz"), **tokens)
 
 
 def _batches(ids, batch_size: int) -> list:
@@ -333,7 +335,9 @@ def _side_main() -> None:
     if len(affinity) != FLAGS._threads:
         raise RuntimeError(f"side process pinned to cores {affinity}, expected {FLAGS._threads}")
     out = {"jaxinf": run_jaxinf, "kronfluence": run_kronfluence}[FLAGS._side](FLAGS._workdir)
-    np.savez(FLAGS._side_out + ".scores.npz", **out.pop("scores"))
+    from jaxinf.workdir import write_npz
+
+    write_npz(FLAGS._side_out + ".scores.npz", **out.pop("scores"))
     out["affinity"] = affinity
     with open(FLAGS._side_out, "w") as f:
         json.dump(out, f)
@@ -366,9 +370,10 @@ def _run_side(side: str, workdir: str, vocab: int, cores: int, tag: str) -> tupl
 
 def _compare(a, b) -> dict:
     import numpy as np
-    import scipy.stats
 
-    rho = [scipy.stats.spearmanr(x, y).statistic for x, y in zip(a, b)]
+    from jaxinf.evaluation.metrics import row_spearman
+
+    rho = row_spearman(a, b)
     return {"pearson": float(np.corrcoef(a.ravel(), b.ravel())[0, 1]), "mean_query_spearman": float(np.mean(rho)),
             "max_abs_diff_over_max_abs": float(np.max(np.abs(a - b)) / np.max(np.abs(b)))}
 

@@ -30,6 +30,9 @@ flags.DEFINE_integer("subsets", _D.subsets, "LDS subsets per run")
 flags.DEFINE_float("fraction", _D.fraction, "fraction of the training rows each subset keeps")
 flags.DEFINE_bool("stratify", _D.stratify, "subsets keep that fraction of every group")
 flags.DEFINE_integer("lds_seeds", _D.lds_seeds, "seeds each subset is retrained from scratch with")
+flags.DEFINE_integer("query_chunk", _D.query_chunk, "trajectory queries per adjoint pass (memory grows with it)")
+flags.DEFINE_integer("convergence_checkpoints", _D.convergence_checkpoints, "checkpoints of the convergence run "
+                     "with ground truth, per dataset (0 = skip)")
 flags.DEFINE_integer("bootstrap", _D.bootstrap, "bootstrap resamples of every interval")
 flags.DEFINE_string("workdir", "runs/evidence", "one study workdir per dataset and seed")
 flags.DEFINE_string("out", None, "where evidence.json / .csv / .png go (default: --workdir)")
@@ -47,7 +50,8 @@ def main(argv):
             study=study, datasets=tuple(FLAGS.datasets), data_root=FLAGS.data_root,
             seeds=tuple(int(s) for s in FLAGS.seeds), dampings=tuple(float(d) for d in FLAGS.dampings),
             queries=FLAGS.queries, subsets=FLAGS.subsets, fraction=FLAGS.fraction, stratify=FLAGS.stratify,
-            lds_seeds=FLAGS.lds_seeds, bootstrap=FLAGS.bootstrap).validate()
+            lds_seeds=FLAGS.lds_seeds, query_chunk=FLAGS.query_chunk,
+            convergence_checkpoints=FLAGS.convergence_checkpoints, bootstrap=FLAGS.bootstrap).validate()
         results = evidence.run(config, FLAGS.workdir, FLAGS.out)
     for row in evidence.evidence_rows(results):
         if row["method"] == "grad_dot":

@@ -62,6 +62,7 @@ class EvidenceConfig:
     fraction: float = 0.5
     stratify: bool = False
     lds_seeds: int = 2
+    query_chunk: int = 1
     against: tuple = ("grad_dot", "exact")
     bootstrap: int = 1000
     convergence_checkpoints: int = 5
@@ -93,7 +94,8 @@ class EvidenceConfig:
 
     def run_config(self, name: str, seed: int) -> pipeline.StudyConfig:
         gt = pipeline.GroundTruthSettings(kinds=KINDS, queries=self.queries, subsets=self.subsets,
-                                          fraction=self.fraction, seeds=self.lds_seeds, stratify=self.stratify)
+                                          fraction=self.fraction, seeds=self.lds_seeds, stratify=self.stratify,
+                                          query_chunk=self.query_chunk)
         return dataclasses.replace(self.study, data=dataclasses.replace(self.study.data, source=self.source(name)),
                                    seed=int(seed), damping=tuple(float(d) for d in self.dampings), ground_truth=gt,
                                    report=dataclasses.replace(self.study.report, bootstrap=self.bootstrap))

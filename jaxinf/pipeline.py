@@ -534,8 +534,8 @@ def ground_truths(config: StudyConfig, prepared: Prepared, workdir: str) -> dict
     adapters (checkpoint 0), data order and keys; "lds" retrains each subset from scratch with `finetune`'s rule
     for that many rows (`study.finetune_config`) and `recipes.initial_adapters` of each seed."""
     gt = config.ground_truth
-    flat = attribution.flatten_rows(prepared.inputs.train_grads)
-    mean_eig = float(np.mean(np.sum(np.square(flat), axis=1)) / flat.shape[1])  # trace(F) / D
+    # tr(F) / D, the empirical Fisher's mean eigenvalue (the study's rule at f = 1, cached with its inputs)
+    mean_eig = dataclasses.replace(prepared.inputs, curvature="fisher", damping=1.0).global_lambda
     gt_config = gt_study.GroundTruthConfig(
         kinds=tuple(gt.kinds), max_queries=gt.queries or None, lds_subsets=gt.subsets, lds_fraction=gt.fraction,
         lds_seeds=gt.seeds, lds_stratify=gt.stratify, loo_rows=gt.loo_rows or None, pbrf_rows=gt.pbrf_rows or None,

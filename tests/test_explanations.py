@@ -183,6 +183,7 @@ def test_convergence_config_refuses_unusable_settings():
             dataclasses.replace(good, **change).validate()
 
 
+@pytest.mark.slow  # Fisher and GGN references and every solver budget: about 100 s of one core
 def test_ihvp_error_run_reaches_the_reference_and_resumes(tmp_path):
     import dataclasses
 

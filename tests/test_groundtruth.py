@@ -180,18 +180,24 @@ def test_benchmark_runs_at_tiny_size(tmp_path):
 @pytest.mark.slow
 def test_study_binary_scores_every_method_against_every_ground_truth(tmp_path):
     cmd = [sys.executable, "-m", "experiments.attribute", "--model=tiny-llama", "--data=backdoor",
-           "--ground_truth=trajectory,lds,loo,pbrf", "--limit_train=16", "--limit_test=4", "--bootstrap=100",
-           "--methods=grad_dot,exact,repsim", "--gt_subsets=6", "--gt_loo_rows=4", "--gt_pbrf_rows=4",
+           "--ground_truth=trajectory,lds,lds_masked,loo,pbrf", "--limit_train=16", "--limit_test=4",
+           "--bootstrap=100", "--methods=grad_dot,exact,repsim", "--gt_subsets=8", "--gt_seeds=2", "--gt_loo_rows=4",
+           "--gt_pbrf_rows=4",
            f"--workdir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
-    kinds = {"trajectory", "lds", "loo", "pbrf"}
+    kinds = {"trajectory", "lds", "lds_masked", "loo", "pbrf"}
     for method in ("grad_dot", "exact", "repsim"):
         agree = results["methods"][method]["ground_truth"]
         assert set(agree) == kinds and all(-1.0 <= agree[k]["value"] <= 1.0 for k in kinds), agree
     assert results["ground_truth"]["trajectory"]["replay_error"] < 1e-4  # the scan replays the fine-tuning (float32)
+    assert results["ground_truth"]["lds"]["seeds"] == [0, 1] and isinstance(results["ground_truth"]["pbrf"]["converged"],
+                                                                            bool)
+    for kind in kinds:  # every method against grad_dot and exact, on the table's queries
+        assert set(results["paired"][kind]["repsim"]) == {"vs_grad_dot", "vs_exact"}
+        assert results["paired"][kind]["repsim"]["vs_exact"]["n_queries"] == len(results["ground_truth_queries"][kind])
     assert (tmp_path / "gt_agreement.png").stat().st_size > 0 and "agreement with counterfactual" in proc.stdout
 
 
@@ -279,6 +285,7 @@ def test_every_row_of_an_agreement_table_is_scored_on_the_same_queries():
     assert alone["lds"]["queries"] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow  # compiling the vmapped L-BFGS takes most of a minute
 def test_pbrf_flags_a_solve_that_did_not_converge(setup, tmp_path):
     model, lora, task, run, queries = setup
     theta = init_adapters(jax.random.key(0), model, lora, b_std=0.1)
