@@ -322,3 +322,170 @@ def test_init_params_matches_param_shapes():
     assert params["embed"].dtype == jnp.float32  # config.dtype
     np.testing.assert_array_equal(params["layers"]["attn_norm"]["scale"], 0.0)  # (1 + w): identity at w = 0
     np.testing.assert_array_equal(params["final_norm"]["scale"], 0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA adapters, taps and recorded inputs (float64: the identities hold to rounding)
+
+LORA_SCALE = 8.0 / 4  # alpha / rank
+
+
+def _per_example_nll(config, params):
+    """loss_fn(hidden) -> per-example mean NLL [B] of the batch's own next tokens."""
+
+    def loss_fn(hidden, ids, mask):
+        logits = dec.project(config, params, hidden)
+        nll = dec.token_nll(logits[:, :-1], ids[:, 1:], mask[:, 1:])
+        return nll.sum(-1) / mask[:, 1:].sum(-1)
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gpt2"])
+def test_lora_forward_equals_merged_weights(family):
+    with jax.enable_x64(True):
+        config, params, batch, _ = _model(family, jnp.float64)
+        targets = tuple(dec.projection_dims(config))  # every projection: q/k/v/o and the MLP
+        adapters = dec.init_adapters(config, jax.random.PRNGKey(3), targets, 4, jnp.float64, b_std=0.1)
+        assert adapters["q_proj"]["A"].dtype == jnp.float64
+
+        @jax.jit
+        def run(params, adapters, ids, mask):
+            merged = dec.merge_adapters(config, params, adapters, LORA_SCALE)
+            return (dec.forward(config, params, ids, mask, adapters=adapters, lora_scale=LORA_SCALE, remat="layer"),
+                    dec.forward(config, merged, ids, mask), dec.forward(config, params, ids, mask))
+
+        lora, merged, base = run(params, adapters, *batch)
+        scale = float(jnp.abs(merged).max())
+        assert float(jnp.abs(lora - base).max()) > 1e-2 * scale  # the adapters do change the logits
+        np.testing.assert_allclose(lora, merged, rtol=0, atol=1e-10 * scale)
+        zero_b = dec.init_adapters(config, jax.random.PRNGKey(3), dtype=jnp.float64)  # PEFT init: B = 0
+        assert all(float(jnp.abs(ab["B"]).max()) == 0.0 for ab in zero_b.values())
+        bound = 1 / np.sqrt(config.hidden_size)
+        assert 0.5 * bound < float(jnp.abs(zero_b["q_proj"]["A"]).max()) <= bound
+
+
+
+def test_capture_gives_exact_per_example_gradients():
+    """Taps and recorded inputs (under scan with remat) against plain autodiff of each example's own loss:
+    kernels grad_W = sum_t a^T g, biases sum_t g, and LoRA grad_B = s (x A)^T g, grad_A = s x^T (g B^T), to 1e-10;
+    the tap gradient against central differences of the loss along the tap."""
+    with jax.enable_x64(True):
+        config, params, batch, _ = _model("qwen2", jnp.float64)  # q/k/v biases, GQA
+        ids, mask = batch
+        tracked = tuple(dec.projection_dims(config))
+        adapters = dec.init_adapters(config, jax.random.PRNGKey(5), ("q_proj", "v_proj", "down_proj"), 4,
+                                      jnp.float64, b_std=0.1)
+        loss_fn = _per_example_nll(config, params)
+
+        def example_loss(params, adapters, ids_b, mask_b):  # one example alone: rows never interact
+            hidden = dec.forward_hidden(config, params, ids_b[None], mask_b[None], adapters=adapters,
+                                        lora_scale=LORA_SCALE)
+            return loss_fn(hidden, ids_b[None], mask_b[None])[0]
+
+        @jax.jit
+        def run(params, adapters, ids, mask):
+            captured, losses = dec.capture_projections(
+                config, params, ids, mask, lambda h: loss_fn(h, ids, mask), tracked, adapters=adapters,
+                lora_scale=LORA_SCALE, remat="layer")
+            grads = jax.vmap(jax.grad(example_loss, argnums=(0, 1)), in_axes=(None, None, 0, 0))(
+                params, adapters, ids, mask)
+            return captured, losses, grads, dec.lora_grads_from_capture(captured, adapters, LORA_SCALE)
+
+        captured, losses, (grad_params, grad_adapters), from_capture = run(params, adapters, ids, mask)
+        a, g = captured["q_proj"]
+        assert a.shape == (2, 3, 16, 32) and g.shape == (2, 3, 16, 32)
+        assert float(jnp.abs(g).max()) > 0
+        for name, key in dec.PROJECTIONS.items():
+            if name not in captured:
+                continue
+            a, g = captured[name]
+            expected = grad_params["layers"][key]["kernel"]  # [B, L, d_in, d_out]
+            scale = float(jnp.abs(expected).max())
+            np.testing.assert_allclose(jnp.einsum("lbti,lbto->blio", a, g), expected, rtol=0, atol=1e-10 * scale)
+            if "bias" in grad_params["layers"][key]:
+                np.testing.assert_allclose(g.sum(2).swapaxes(0, 1), grad_params["layers"][key]["bias"],
+                                           rtol=0, atol=1e-10 * scale)
+        for name in adapters:
+            for m in ("A", "B"):
+                expected = grad_adapters[name][m]
+                scale = float(jnp.abs(expected).max())
+                assert scale > 0
+                np.testing.assert_allclose(from_capture[name][m], expected, rtol=0, atol=1e-10 * scale)
+        # the per-example losses and the gradient of their sum along a tap direction, by central differences
+        np.testing.assert_allclose(losses, jax.vmap(lambda i, m: example_loss(params, adapters, i, m))(ids, mask),
+                                   rtol=1e-12)
+        direction = {n: jax.random.normal(jax.random.PRNGKey(i), s, jnp.float64)
+                     for i, (n, s) in enumerate(dec.tap_shapes(config, 3, 16, ("o_proj", "up_proj")).items())}
+
+        @jax.jit
+        def total(t):
+            taps = {n: t * d for n, d in direction.items()}
+            hidden = dec.forward_hidden(config, params, ids, mask, adapters=adapters, lora_scale=LORA_SCALE,
+                                        taps=taps)
+            return loss_fn(hidden, ids, mask).sum()
+
+        eps = 1e-5
+        fd = (total(eps) - total(-eps)) / (2 * eps)
+        terms = [jnp.vdot(captured[n][1], d) for n, d in direction.items()]
+        np.testing.assert_allclose(sum(terms), fd, rtol=0, atol=1e-8 * max(abs(float(t)) for t in terms))
+
+
+def test_tap_is_added_to_the_projection_output():
+    """A constant tap on q_proj's output equals adding it to q_proj's bias; recorded inputs do not depend on
+    remat; record=('name',) records without taps; forward's return forms."""
+    config, params, batch, _ = _model("qwen2")
+    B, T = batch[0].shape
+    c = jax.random.normal(jax.random.PRNGKey(0), (config.num_layers, 1, 1, 32))
+    taps = {"q_proj": jnp.broadcast_to(c, (config.num_layers, B, T, 32))}
+    shifted = {**params, "layers": {**params["layers"], "q": {**params["layers"]["q"],
+                                                                 "bias": params["layers"]["q"]["bias"] + c[:, 0, 0]}}}
+    f = jax.jit(lambda p, taps, remat: dec.forward(config, p, *batch, taps=taps, record=True, remat=remat,
+                                                   return_hidden=True), static_argnums=2)
+    logits, hidden, recorded = f(params, taps, "none")
+    np.testing.assert_allclose(logits, dec.forward(config, shifted, *batch), rtol=1e-5, atol=1e-5)
+    assert set(recorded) == {"q_proj"} and recorded["q_proj"].shape == (config.num_layers, B, T, 32)
+    np.testing.assert_allclose(f(params, taps, "layer")[2]["q_proj"], recorded["q_proj"], rtol=1e-6, atol=1e-6)
+    only = dec.forward(config, params, *batch, record=("down_proj",))
+    assert isinstance(only, tuple) and only[1]["down_proj"].shape == (config.num_layers, B, T, 64)
+    with pytest.raises(ValueError, match="record=True records the tapped"):
+        dec.forward(config, params, *batch, record=True)
+    with pytest.raises(ValueError, match="taps have shapes"):
+        dec.forward(config, params, *batch, taps={"q_proj": jnp.zeros((config.num_layers, B, T + 1, 32))})
+    with pytest.raises(ValueError, match="without lora_scale"):
+        dec.forward(config, params, *batch, adapters=dec.init_adapters(config, jax.random.PRNGKey(0)))
+
+
+def test_capture_coverage_check():
+    config = dec.from_hf_config(_reference("qwen2")[0])
+    adapters = dec.init_adapters(config, jax.random.PRNGKey(0), ("q_proj", "v_proj", "o_proj"))
+    dec.check_capture_coverage(config, adapters, ("q_proj", "v_proj", "o_proj", "up_proj"))
+    with pytest.raises(ValueError) as info:
+        dec.check_capture_coverage(config, adapters, ("q_proj", "v_proj"))
+    message = str(info.value)
+    assert "'o_proj/A'" in message and "'o_proj/B'" in message and "q_proj/A" not in message
+    assert "\n" not in message
+    with pytest.raises(ValueError, match="o_proj/A"):  # capture_projections checks before it traces anything
+        dec.capture_projections(config, None, jnp.zeros((1, 4), jnp.int32), None, None, ("q_proj", "v_proj"),
+                                adapters=adapters, lora_scale=LORA_SCALE)
+    with pytest.raises(ValueError, match=r"\['q'\] that are no projection"):
+        dec.check_capture_coverage(config, adapters, ("q",))
+    gpt2 = dec.from_hf_config(_reference("gpt2")[0])
+    with pytest.raises(ValueError, match="gate_proj"):
+        dec.init_adapters(gpt2, jax.random.PRNGKey(0), ("gate_proj",))
+
+
+def test_adapter_layout_conversions():
+    """Stacked adapters <-> jaxinf.models.lora's flat {'model/layers/i/self_attn/q_proj': {A, B}}."""
+    config = dec.from_hf_config(_reference("gemma2")[0])
+    adapters = dec.init_adapters(config, jax.random.PRNGKey(0), ("q_proj", "down_proj"), rank=2, b_std=1.0)
+    flat = dec.unstack_adapters(adapters)
+    assert sorted(flat) == ["model/layers/0/mlp/down_proj", "model/layers/0/self_attn/q_proj",
+                            "model/layers/1/mlp/down_proj", "model/layers/1/self_attn/q_proj"]
+    assert flat["model/layers/1/mlp/down_proj"]["A"].shape == (config.intermediate_size, 2)
+    jax.tree.map(np.testing.assert_array_equal, dec.stack_adapters(config, flat), adapters)
+    with pytest.raises(ValueError, match="lack layers \\[1\\]"):
+        dec.stack_adapters(config, {k: v for k, v in flat.items() if "/1/" not in k})
+    with pytest.raises(ValueError, match="expected A"):
+        dec.merge_adapters(config, None, {"q_proj": {"A": adapters["q_proj"]["A"][:, :3],
+                                                     "B": adapters["q_proj"]["B"]}}, 1.0)

@@ -28,6 +28,19 @@ Kernels are (in, out). Norm scales are stored as HF stores them: Gemma's RMSNorm
 inverse frequencies are scanned inputs, so local and global layers share one scan body. Attention is plain XLA
 (einsum and a masked softmax), with no custom derivative rules: jvp, vjp, vmap and forward-over-reverse all work.
 
+Every per-layer linear projection (`PROJECTIONS`: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+down_proj) goes through one helper, `linear`, which is where LoRA and layer capture live::
+
+    y = x W (+ b) (+ lora_scale * (x A) B) (+ tap)
+
+`forward(..., adapters=, lora_scale=, taps=, record=)` takes LoRA adapters as a pytree of their own, stacked over
+layers like the params ({"q_proj": {"A": [L, d_in, r], "B": [L, r, d_out]}, ...}; `init_adapters`,
+`merge_adapters`), zero "taps" [L, B, T, d_out] added to tracked projections' outputs (the gradient with respect
+to a tap is that projection's output cotangent g) and returns, with `record`, the tracked projections' inputs
+a [L, B, T, d_in]. Adapters and taps are scanned inputs, recorded inputs scanned outputs, so this works under
+scan and remat. `capture_projections` returns (a, g) for K-FAC, `lora_grads_from_capture` the per-example adapter
+gradients they give, and `check_capture_coverage` refuses a capture that leaves a trainable adapter out.
+
 Positions count real tokens only (``cumsum(attention_mask) - 1``), so left- and right-padded rows give the same
 logits on their real tokens. Causal and sliding-window masks are on sequence indices.
 
@@ -403,11 +416,39 @@ def _norm(config: DecoderConfig, p: Mapping, x: jax.Array) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def _dense(p: Mapping, x: jax.Array) -> jax.Array:
-    y = jnp.einsum("...i,io->...o", x, p["kernel"])
-    if "bias" in p:
-        y = y + p["bias"]
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, lora: Mapping | None = None,
+           lora_scale: float | None = None, tap: jax.Array | None = None) -> jax.Array:
+    """The one linear projection of the decoder: y = x w (+ b) (+ lora_scale * (x A) B) (+ tap).
+
+    x: [..., d_in]; w: [d_in, d_out]; b: [d_out]; lora: {"A": [d_in, r], "B": [r, d_out]} (computed in the
+    adapters' dtype, added in y's); tap: [..., d_out], normally zeros: the gradient of a loss with respect to it
+    is the cotangent of this projection's output y (the K-FAC "g").
+    """
+    y = jnp.einsum("...i,io->...o", x, w)
+    if b is not None:
+        y = y + b
+    if lora is not None:
+        if lora_scale is None:
+            raise ValueError("linear: a LoRA adapter needs lora_scale (alpha / rank)")
+        a, bb = lora["A"], lora["B"]
+        y = y + (lora_scale * ((x.astype(a.dtype) @ a) @ bb)).astype(y.dtype)
+    if tap is not None:
+        y = y + tap.astype(y.dtype)
     return y
+
+
+class _Projections:
+    """One layer's view of the adapters, taps and recorded inputs (a fresh one per scan step)."""
+
+    def __init__(self, adapters: Mapping, lora_scale: float | None, taps: Mapping, record: tuple[str, ...]):
+        self.adapters, self.lora_scale, self.taps, self.record = adapters, lora_scale, taps, record
+        self.inputs: dict[str, jax.Array] = {}
+
+    def __call__(self, name: str, p: Mapping, x: jax.Array) -> jax.Array:
+        if name in self.record:
+            self.inputs[name] = x
+        return linear(x, p["kernel"], p.get("bias"), lora=self.adapters.get(name), lora_scale=self.lora_scale,
+                      tap=self.taps.get(name))
 
 
 def _activate(config: DecoderConfig, x: jax.Array) -> jax.Array:
@@ -455,15 +496,15 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def _attention(config, p, x, mask, positions, inv_freq):
+def _attention(config, p, x, mask, positions, inv_freq, proj):
     """x: [B, T, H] (normed); mask: [B, T, T] bool (query, key); inv_freq: [D/2] or None."""
     c = config
     B, T, _ = x.shape
     dtype, wide = x.dtype, _wide(x.dtype)
     K, G, D = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
-    q = _dense(p["q"], x).reshape(B, T, K * G, D)
-    k = _dense(p["k"], x).reshape(B, T, K, D)
-    v = _dense(p["v"], x).reshape(B, T, K, D)
+    q = proj("q_proj", p["q"], x).reshape(B, T, K * G, D)
+    k = proj("k_proj", p["k"], x).reshape(B, T, K, D)
+    v = proj("v_proj", p["v"], x).reshape(B, T, K, D)
     if c.qk_norm:
         q = _norm(c, p["q_norm"], q)
         k = _norm(c, p["k_norm"], k)
@@ -481,21 +522,21 @@ def _attention(config, p, x, mask, positions, inv_freq):
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(wide).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, K * G * D)
-    return _dense(p["o"], out)
+    return proj("o_proj", p["o"], out)
 
 
-def _layer(config, p, h, mask, positions, inv_freq):
+def _layer(config, p, h, mask, positions, inv_freq, proj):
     c = config
-    a = _attention(c, p, _norm(c, p["attn_norm"], h), mask, positions, inv_freq)
+    a = _attention(c, p, _norm(c, p["attn_norm"], h), mask, positions, inv_freq, proj)
     if c.post_norms:
         a = _norm(c, p["post_attn_norm"], a)
     h = h + a
     x = _norm(c, p["mlp_norm"], h)
     if c.gated_mlp:
-        y = _activate(c, _dense(p["gate"], x)) * _dense(p["up"], x)
+        y = _activate(c, proj("gate_proj", p["gate"], x)) * proj("up_proj", p["up"], x)
     else:
-        y = _activate(c, _dense(p["up"], x))
-    y = _dense(p["down"], y)
+        y = _activate(c, proj("up_proj", p["up"], x))
+    y = proj("down_proj", p["down"], y)
     if c.post_norms:
         y = _norm(c, p["post_mlp_norm"], y)
     return h + y
@@ -508,23 +549,180 @@ def output_weight(config: DecoderConfig, params: Params) -> tuple[jax.Array, boo
     return params["lm_head"]["kernel"], False
 
 
-def _project(config, params, h):
+def project(config: DecoderConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """Logits [..., V] of final hidden states [..., H] (the output projection and the final soft-cap).
+
+    With a large vocabulary, project only the positions needed (e.g. ``hidden[:, -1]`` for the next token), or
+    use `token_nll_chunked` for the loss: neither builds [B, T, V].
+    """
     weight, tied = output_weight(config, params)
-    spec = "bth,vh->btv" if tied else "bth,hv->btv"
-    logits = jnp.einsum(spec, h, weight, preferred_element_type=_wide(h.dtype))
+    spec = "...h,vh->...v" if tied else "...h,hv->...v"
+    logits = jnp.einsum(spec, hidden, weight, preferred_element_type=_wide(hidden.dtype))
     if config.final_softcap is not None:
         logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
     return logits
 
 
-def forward(config: DecoderConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-            *, remat: str = "none", return_hidden: bool = False):
-    """Logits [B, T, V] (float32 for bfloat16 params, else the params' dtype); with `return_hidden`, also the
-    last hidden state [B, T, H] after the final norm (the input of the output projection).
+# --------------------------------------------------------------------------------------------------------------
+# Projections: names, LoRA adapters, taps
 
-    remat: "none"; "layer" (recompute each layer in the backward pass, saving only its input); "dots"
-    (`jax.checkpoint_policies.checkpoint_dots`: keep the matmul outputs, recompute the rest).
+# The per-layer linear projections by their Hugging Face (Llama) names -> the params key under "layers".
+# GPT-2's fused c_attn is split into q/k/v by hf_weights, so its projections carry the same names (its c_fc is
+# "up_proj", its mlp.c_proj "down_proj", attn.c_proj "o_proj").
+PROJECTIONS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+               "down_proj": "down"}
+_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def projection_dims(config: DecoderConfig) -> dict[str, tuple[int, int]]:
+    """{projection name: (d_in, d_out)} for the projections this config has (no gate_proj without a gated MLP)."""
+    layers = param_shapes(config)["layers"]
+    return {name: layers[key]["kernel"][1:] for name, key in PROJECTIONS.items() if key in layers}
+
+
+def _check_names(config: DecoderConfig, names, what: str) -> None:
+    dims = projection_dims(config)
+    unknown = [n for n in names if n not in dims]
+    if unknown:
+        raise ValueError(f"{what} names {unknown} that are no projection of this decoder ({', '.join(dims)})")
+
+
+def _check_adapters(config: DecoderConfig, adapters: Mapping) -> None:
+    _check_names(config, list(adapters), "adapters")
+    dims, L = projection_dims(config), config.num_layers
+    for name, ab in adapters.items():
+        if not isinstance(ab, Mapping) or set(ab) != {"A", "B"}:
+            raise ValueError(f"adapters[{name!r}] must be {{'A': [L, d_in, r], 'B': [L, r, d_out]}}, "
+                             f"got {type(ab).__name__} {list(ab) if isinstance(ab, Mapping) else ''}")
+        d_in, d_out = dims[name]
+        a, b = tuple(ab["A"].shape), tuple(ab["B"].shape)
+        if len(a) != 3 or len(b) != 3 or a[:2] != (L, d_in) or b[0] != L or b[2] != d_out or a[2] != b[1]:
+            raise ValueError(f"adapters[{name!r}] has A {a} and B {b}; expected A ({L}, {d_in}, r) and "
+                             f"B ({L}, r, {d_out})")
+
+
+def tap_shapes(config: DecoderConfig, batch: int, seq: int, tracked) -> dict[str, tuple[int, ...]]:
+    """{name: (L, batch, seq, d_out)} for the tracked projections: the shapes of `forward`'s taps."""
+    _check_names(config, list(tracked), "tracked")
+    dims = projection_dims(config)
+    return {name: (config.num_layers, batch, seq, dims[name][1]) for name in tracked}
+
+
+def zero_taps(config: DecoderConfig, batch: int, seq: int, tracked, dtype=jnp.float32) -> dict[str, jax.Array]:
+    """Zero taps for the tracked projections (their gradient is each projection's output cotangent)."""
+    return {name: jnp.zeros(shape, dtype) for name, shape in tap_shapes(config, batch, seq, tracked).items()}
+
+
+def init_adapters(config: DecoderConfig, key: jax.Array, targets=("q_proj", "v_proj"), rank: int = 4,
+                  dtype=None, *, b_std: float = 0.0) -> dict:
+    """LoRA adapters {name: {"A": [L, d_in, r], "B": [L, r, d_out]}} with PEFT's initialisation:
+    A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (torch's kaiming_uniform(a=sqrt(5)) bound), B = 0 (so the adapted model
+    starts as the base model). `b_std` > 0 draws B ~ N(0, b_std^2) instead (tests: adapters that change the
+    output). dtype defaults to config.dtype.
     """
+    dtype = jnp.dtype(dtype or config.dtype)
+    _check_names(config, list(targets), "targets")
+    dims, L = projection_dims(config), config.num_layers
+    adapters = {}
+    for i, name in enumerate(targets):
+        ka, kb = jax.random.split(jax.random.fold_in(key, i))
+        d_in, d_out = dims[name]
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(ka, (L, d_in, rank), jnp.float32, -bound, bound).astype(dtype)
+        b = (b_std * jax.random.normal(kb, (L, rank, d_out), jnp.float32)).astype(dtype)
+        adapters[name] = {"A": a, "B": b}
+    return adapters
+
+
+def merge_adapters(config: DecoderConfig, params: Params, adapters: Mapping, lora_scale: float) -> Params:
+    """Params with W + lora_scale * A B written into each adapted kernel (per layer; in the kernel's dtype)."""
+    _check_adapters(config, adapters)
+    layers = dict(params["layers"])
+    for name, ab in adapters.items():
+        key = PROJECTIONS[name]
+        kernel = layers[key]["kernel"]
+        delta = lora_scale * jnp.einsum("lir,lro->lio", ab["A"], ab["B"])
+        layers[key] = {**layers[key], "kernel": (kernel + delta.astype(kernel.dtype)).astype(kernel.dtype)}
+    return {**params, "layers": layers}
+
+
+def module_path(name: str, layer: int) -> str:
+    """The flat adapter key of jaxinf.models.lora for one layer's projection: 'model/layers/3/self_attn/q_proj'."""
+    return f"model/layers/{layer}/{_MODULES[name]}/{name}"
+
+
+def unstack_adapters(adapters: Mapping) -> dict:
+    """Stacked adapters -> the flat per-layer dict of jaxinf.models.lora {module path: {"A": [d_in, r], ...}}."""
+    flat = {}
+    for name, ab in adapters.items():
+        for i in range(ab["A"].shape[0]):
+            flat[module_path(name, i)] = {"A": ab["A"][i], "B": ab["B"][i]}
+    return flat
+
+
+def stack_adapters(config: DecoderConfig, flat: Mapping) -> dict:
+    """The flat per-layer dict of jaxinf.models.lora -> stacked adapters (every layer of a projection needed)."""
+    by_name: dict[str, dict[int, Mapping]] = {}
+    for path, ab in flat.items():
+        parts = path.split("/")
+        name, module = parts[-1], parts[-2]
+        if (len(parts) != 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit()
+                or _MODULES.get(name) != module):
+            raise ValueError(f"adapter key {path!r} is not 'model/layers/<i>/<self_attn|mlp>/<projection>'")
+        by_name.setdefault(name, {})[int(parts[2])] = ab
+    stacked = {}
+    for name, per_layer in by_name.items():
+        if sorted(per_layer) != list(range(config.num_layers)):
+            missing = sorted(set(range(config.num_layers)) - set(per_layer))
+            raise ValueError(f"adapters for {name} lack layers {missing}: stacked adapters cover every layer")
+        stacked[name] = {k: jnp.stack([per_layer[i][k] for i in range(config.num_layers)]) for k in ("A", "B")}
+    _check_adapters(config, stacked)
+    return stacked
+
+
+def check_capture_coverage(config: DecoderConfig, adapters, tracked) -> None:
+    """Raise (one line) unless every trainable adapter matrix can be built from the captured projections.
+
+    adapters: the trainable adapters (a mapping name -> {"A", "B"}, or just the names); tracked: the projections
+    whose input a and output cotangent g are captured. An adapter's grad_A = scale x^T (g B^T) and
+    grad_B = scale (x A)^T g need its projection's (x, g); an untracked one would silently get no curvature.
+    """
+    names = list(adapters)
+    _check_names(config, names, "adapters")
+    _check_names(config, list(tracked), "tracked")
+    tracked = set(tracked)
+    gaps = [f"{name}/{m}" for name in names if name not in tracked
+            for m in (adapters[name] if isinstance(adapters, Mapping) else ("A", "B"))]
+    if gaps:
+        raise ValueError(f"capture does not cover trainable LoRA matrices {gaps}: their projections are not "
+                         f"tracked (tracked: {sorted(tracked)}); track {sorted({g.split('/')[0] for g in gaps})} "
+                         f"too, or freeze those adapters")
+
+
+def _record_names(record, taps: Mapping) -> tuple[str, ...]:
+    if record is False or record is None:
+        return ()
+    if record is True:
+        if not taps:
+            raise ValueError("record=True records the tapped projections' inputs but no taps were given: pass "
+                             "taps, or record=('q_proj', ...) to name the projections")
+        return tuple(taps)
+    if isinstance(record, str):
+        return (record,)
+    return tuple(record)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward
+
+
+def forward_hidden(config: DecoderConfig, params: Params, input_ids: jax.Array,
+                   attention_mask: jax.Array | None = None, *, adapters: Mapping | None = None,
+                   lora_scale: float | None = None, taps: Mapping | None = None, record=False,
+                   remat: str = "none"):
+    """The last hidden state [B, T, H] after the final norm (the input of `project`), and with `record` the
+    recorded projection inputs (see `forward`): ``hidden`` or ``(hidden, recorded)``."""
     c = config
     if remat not in _REMAT:
         raise ValueError(f"remat={remat!r} is not one of {_REMAT}")
@@ -535,6 +733,20 @@ def forward(config: DecoderConfig, params: Params, input_ids: jax.Array, attenti
         attention_mask = jnp.ones((B, T), jnp.int32)
     if T > c.max_positions:
         raise ValueError(f"sequence length {T} exceeds max_positions={c.max_positions}")
+    adapters, taps = dict(adapters or {}), dict(taps or {})
+    if adapters:
+        _check_adapters(c, adapters)
+        if lora_scale is None:
+            raise ValueError("forward: adapters were given without lora_scale (alpha / rank)")
+    if taps:
+        expected = tap_shapes(c, B, T, list(taps))
+        wrong = {n: tuple(t.shape) for n, t in taps.items() if tuple(t.shape) != expected[n]}
+        if wrong:
+            raise ValueError(f"taps have shapes {wrong}; expected {({n: expected[n] for n in wrong})} "
+                             "([layers, batch, time, d_out])")
+    recorded_names = _record_names(record, taps)
+    _check_names(c, list(recorded_names), "record")
+
     dtype = params["embed"].dtype
     positions = position_ids_from_mask(attention_mask)
 
@@ -553,13 +765,16 @@ def forward(config: DecoderConfig, params: Params, input_ids: jax.Array, attenti
         local_mask = global_mask & (q_idx - k_idx < c.sliding_window)[None]
     uses_rope = c.positions == "rope"
 
+    # adapters and taps are scanned inputs (one layer's slice per step), recorded inputs scanned outputs
     def body(h, xs):
-        p, local, inv_freq = xs
+        p, local, inv_freq, lora, tap = xs
         if mixed:
             mask = jnp.where(local, local_mask, global_mask)
         else:
             mask = local_mask if any(is_local) else global_mask
-        return _layer(c, p, h, mask, positions, inv_freq if uses_rope else None), None
+        proj = _Projections(lora, lora_scale, tap, recorded_names)
+        h = _layer(c, p, h, mask, positions, inv_freq if uses_rope else None, proj)
+        return h, proj.inputs
 
     if remat == "layer":
         body = jax.checkpoint(body, prevent_cse=False)
@@ -567,10 +782,90 @@ def forward(config: DecoderConfig, params: Params, input_ids: jax.Array, attenti
         body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
 
     inv_freq = jnp.asarray(rope_table(c) if uses_rope else np.zeros((c.num_layers, 1)), _wide(dtype))
-    h, _ = jax.lax.scan(body, h, (params["layers"], jnp.asarray(is_local), inv_freq))
+    h, recorded = jax.lax.scan(body, h, (params["layers"], jnp.asarray(is_local), inv_freq, adapters, taps))
     h = _norm(c, params["final_norm"], h)
-    logits = _project(c, params, h)
-    return (logits, h) if return_hidden else logits
+    return (h, recorded) if record else h
+
+
+def forward(config: DecoderConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+            *, adapters: Mapping | None = None, lora_scale: float | None = None, taps: Mapping | None = None,
+            record=False, remat: str = "none", return_hidden: bool = False):
+    """Logits [B, T, V] (float32 for bfloat16 params, else the params' dtype).
+
+    Returns ``logits``, with `return_hidden` ``(logits, hidden)`` (the last hidden state [B, T, H] after the
+    final norm, the input of the output projection), and with `record` the recorded inputs appended:
+    ``(logits, recorded)`` or ``(logits, hidden, recorded)``.
+
+    adapters: LoRA {projection: {"A": [L, d_in, r], "B": [L, r, d_out]}} over any projections (`PROJECTIONS`),
+    adding ``lora_scale * (x A) B`` to the projection's output (required with adapters: alpha / rank).
+    taps: {projection: [L, B, T, d_out]} added to the projection's output; pass zeros and differentiate with
+    respect to them for each projection's output cotangent (`capture_projections`).
+    record: True records the input [L, B, T, d_in] of every tapped projection; a tuple of names records those.
+    remat: "none"; "layer" (recompute each layer in the backward pass, saving only its input); "dots"
+    (`jax.checkpoint_policies.checkpoint_dots`: keep the matmul outputs, recompute the rest).
+    """
+    out = forward_hidden(config, params, input_ids, attention_mask, adapters=adapters, lora_scale=lora_scale,
+                         taps=taps, record=record, remat=remat)
+    h, recorded = out if record else (out, None)
+    logits = project(config, params, h)
+    result = (logits, h) if return_hidden else (logits,)
+    if record:
+        result = result + (recorded,)
+    return result[0] if len(result) == 1 else result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Capture (K-FAC's a and g)
+
+
+def capture_projections(config: DecoderConfig, params: Params, input_ids: jax.Array,
+                        attention_mask: jax.Array | None, loss_fn, tracked, *, adapters: Mapping | None = None,
+                        lora_scale: float | None = None, remat: str = "none") -> tuple[dict, jax.Array]:
+    """({name: (a [L, B, T, d_in], g [L, B, T, d_out])}, losses [B]) for the tracked projections.
+
+    loss_fn(hidden [B, T, H]) -> per-example losses [B] (use `project` or `token_nll_chunked` on the hidden
+    state). a is each projection's input, g the cotangent of its output for J = sum_b losses[b] (the SUM over
+    examples), obtained as the gradient of J with respect to zero taps. Rows do not interact, so example b's
+    own gradient of a projection's kernel is sum_t a[:, b, t]^T g[:, b, t] (plus sum_t g for a bias), and of its
+    adapters see `lora_grads_from_capture`. Pure and jit-able.
+    """
+    tracked = tuple(tracked)
+    if adapters:
+        check_capture_coverage(config, adapters, tracked)
+    B, T = input_ids.shape
+    dtype = params["embed"].dtype
+
+    def total(taps):
+        hidden, recorded = forward_hidden(config, params, input_ids, attention_mask, adapters=adapters,
+                                          lora_scale=lora_scale, taps=taps, record=True, remat=remat)
+        losses = loss_fn(hidden)
+        if losses.ndim != 1 or losses.shape[0] != B:
+            raise ValueError(f"loss_fn must return per-example losses [{B}], got shape {losses.shape}")
+        return losses.sum(), (losses, recorded)
+
+    g, (losses, a) = jax.grad(total, has_aux=True)(zero_taps(config, B, T, tracked, dtype))
+    return {name: (a[name], g[name]) for name in tracked}, losses
+
+
+def lora_grads_from_capture(captured: Mapping, adapters: Mapping, lora_scale: float) -> dict:
+    """Per-example adapter gradients {name: {"A": [B, L, d_in, r], "B": [B, L, r, d_out]}} from a capture:
+
+        grad_B = scale (x A)^T g,   grad_A = scale x^T (g B^T)   (summed over tokens, per layer and example)
+
+    with x, g the projection's input and output cotangent (`capture_projections`, tracked must cover the
+    adapters).
+    """
+    grads = {}
+    for name, ab in adapters.items():
+        if name not in captured:
+            raise ValueError(f"capture lacks projection {name!r}, which has adapters")
+        x, g = captured[name]
+        a, b = ab["A"].astype(x.dtype), ab["B"].astype(x.dtype)
+        xa = jnp.einsum("lbti,lir->lbtr", x, a)
+        gb = jnp.einsum("lbto,lro->lbtr", g.astype(x.dtype), b)
+        grads[name] = {"A": lora_scale * jnp.einsum("lbti,lbtr->blir", x, gb),
+                       "B": lora_scale * jnp.einsum("lbtr,lbto->blro", xa, g.astype(x.dtype))}
+    return grads
 
 
 # --------------------------------------------------------------------------------------------------------------
