@@ -17,6 +17,7 @@ def tiny_evidence(tmp_path_factory):
                                 methods=("grad_dot", "tracin_adam", "exact"), report=pipeline.ReportConfig(queries=0))
     config = evidence.EvidenceConfig(study=base, datasets=("backdoor",), data_root=os.path.join(workdir, "none"),
                                      seeds=(0,), dampings=(0.1,), queries=8, subsets=8, lds_seeds=2, bootstrap=100,
+                                     query_chunk=8,
                                      convergence_checkpoints=2, convergence_methods=("grad_dot", "exact"))
     return config, workdir, evidence.run(config, workdir)
 
