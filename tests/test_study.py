@@ -391,3 +391,21 @@ def test_the_binarys_data_flag_defaults_are_the_apis():
     from jaxinf import api
 
     assert {k: flags.FLAGS[k].default for k in api.DATA_OPTIONS} == api.DATA_OPTIONS
+
+
+def test_presets_are_config_values_recorded_by_name_or_fields():
+    import dataclasses
+
+    from jaxinf import pipeline, presets, study
+
+    plain = presets.quick(model="tiny-llama")
+    assert plain.preset == "quick" and pipeline.workdir_settings(plain)["preset"] == "quick"  # old workdirs resume
+    changed = presets.quick(model="tiny-llama", lr=3e-4, epochs=2, damping=1.0)
+    assert changed.sizes == dataclasses.replace(study.PRESETS["quick"], lr=3e-4) and changed.epochs == 2
+    assert changed.damping == (1.0,) and changed.preset_label == "custom"
+    recorded = pipeline.workdir_settings(changed)["preset"]
+    assert recorded["lr"] == 3e-4 and recorded["batch_size"] == study.PRESETS["quick"].batch_size
+    assert pipeline.StudyConfig.from_dict(changed.to_dict()) == changed  # the preset's fields round-trip
+    assert presets.paper().sizes.template == "inst"
+    with pytest.raises(ValueError, match="unknown settings"):
+        presets.quick(learning_rate=1e-3)

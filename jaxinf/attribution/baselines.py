@@ -123,17 +123,22 @@ def tracin_checkpoints(workdir: str, like: PyTree, steps: Optional[Sequence[int]
     return [(t, float(w)) for (_, t), w in zip(loaded, weights)]
 
 
-def tracin_scores(loss, checkpoints: Sequence[tuple[PyTree, float]], query_data, train_data, *,
+def tracin_scores(loss, checkpoints: Sequence[tuple], query_data, train_data, *,
                   chunk_size: int = 16, progress: bool = False) -> np.ndarray:
-    """s[q, n] = sum_c w_c <g_q(theta_c), g_n(theta_c)> over `checkpoints` = [(trainable_c, w_c)]. numpy [Q, N].
+    """s[q, n] = sum_c w_c <P_c g_q(theta_c), g_n(theta_c)> over `checkpoints` = [(trainable_c, w_c)] (P_c = I)
+    or [(trainable_c, w_c, P_c)] with P_c a diagonal preconditioner as a pytree like the trainable. numpy [Q, N].
 
     `loss`: `LMFunctions` or an example loss. Checkpoints with w_c = 0 are skipped.
     """
+    from jaxinf.attribution.gradients import flatten_rows
+
     total = None
-    for trainable, w in tqdm(checkpoints, desc="TracIn checkpoints", disable=not progress):
+    for trainable, w, *precond in tqdm(checkpoints, desc="TracIn checkpoints", disable=not progress):
         if w == 0.0:
             continue
         gq = per_example_gradients(loss, trainable, query_data, chunk_size=chunk_size)
+        if precond:  # [1, D] in the gradients' flattening order
+            gq = as_matrix(gq) * flatten_rows(jax.tree.map(lambda x: x[None], precond[0]))
         train = LazyGradients(loss, trainable, train_data, chunk_size=chunk_size)
         s = w * pairwise_scores(gq, train, progress=False)
         total = s if total is None else total + s
@@ -183,20 +188,9 @@ def adam_tracin_scores(loss, checkpoints: Sequence[tuple[PyTree, float, PyTree]]
                        chunk_size: int = 16, progress: bool = False) -> np.ndarray:
     """s[q, n] = sum_c w_c <g_q(theta_c), P_c g_n(theta_c)> over `checkpoints` = [(trainable_c, w_c, P_c)] with
     P_c a diagonal preconditioner as a pytree like the trainable (`adam_preconditioners`). numpy [Q, N]."""
-    from jaxinf.attribution.gradients import flatten_rows
-
-    total = None
-    for trainable, w, precond in tqdm(checkpoints, desc="Adam-TracIn checkpoints", disable=not progress):
-        if w == 0.0:
-            continue
-        p = flatten_rows(jax.tree.map(lambda x: x[None], precond))  # [1, D], the gradients' flattening order
-        gq = as_matrix(per_example_gradients(loss, trainable, query_data, chunk_size=chunk_size)) * p
-        train = LazyGradients(loss, trainable, train_data, chunk_size=chunk_size)
-        s = w * pairwise_scores(gq, train, progress=False)
-        total = s if total is None else total + s
-    if total is None:
-        raise ValueError("every checkpoint has weight 0: nothing to sum")
-    return total
+    if any(len(c) != 3 for c in checkpoints):
+        raise ValueError("Adam-TracIn needs (trainable, weight, preconditioner) per checkpoint")
+    return tracin_scores(loss, checkpoints, query_data, train_data, chunk_size=chunk_size, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------- RepSim
