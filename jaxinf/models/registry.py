@@ -63,10 +63,32 @@ def tie_lm_head(params: Any) -> Any:
     return params
 
 
-def _family(config) -> str:
+def _family(config, where: str = "config.json") -> str:
+    """The Flax family of a config, refusing what the study's Flax path would compute wrongly or not at all.
+
+    FlaxLlama / FlaxMistral have no RoPE scaling (Llama 3.1 / 3.2's `llama3` rule, `linear`, ...): such a
+    config used to load and give the unscaled logits without a word. Families that only jaxinf's own decoder
+    runs (Qwen2/3, Gemma 2/3) are named with the call that loads them there.
+    """
     family = config.model_type
     if family not in _FLAX_CLASSES:
-        raise ValueError(f"model_type {family!r} is not supported; supported: {sorted(_FLAX_CLASSES)}")
+        from jaxinf.models import decoder
+
+        if family in decoder.SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"{where}: model_type {family!r} runs only in jaxinf's own decoder so far, not in the study "
+                f"(which supports {sorted(_FLAX_CLASSES)}): load it with "
+                "jaxinf.models.hf_weights.load_decoder(<folder>) for forward passes, LoRA and capture")
+        raise ValueError(f"{where}: model_type {family!r} is not supported; supported: {sorted(_FLAX_CLASSES)}")
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        if kind not in (None, "default"):
+            raise ValueError(
+                f"{where}: field rope_scaling={scaling!r} (rope_type {kind!r}) is not applied by the study's "
+                f"{family} model (it would silently compute unscaled logits): load the folder with "
+                "jaxinf.models.hf_weights.load_decoder(<folder>), whose decoder applies the llama3 and linear "
+                "rules, or remove rope_scaling to use the model at its original context only")
     return family
 
 
@@ -97,7 +119,7 @@ def tiny_model(name: str, *, seed: int = 0, dtype=jnp.float32) -> CausalLM:
 
 def _local_model(path: str, dtype) -> CausalLM:
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    family = _family(config)
+    family = _family(config, os.path.join(path, "config.json"))
     has_flax = os.path.exists(os.path.join(path, "flax_model.msgpack"))
     only_bin = not has_flax and not any(f.endswith(".safetensors") for f in os.listdir(path))
     if only_bin and not transformers.utils.is_torch_available():
