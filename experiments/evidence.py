@@ -5,10 +5,12 @@ r"""The evidence job: every dataset x fine-tuning seed as a study with real-retr
 
 The run is `jaxinf.evidence.run(EvidenceConfig, --workdir, --out)` (what it computes: that module's docstring).
 Each (dataset, seed) study is a resumable workdir, so the job can run over several sittings; progress and an
-estimate of the time left go to stderr. Outputs: evidence.json, evidence.csv, evidence.png in --out.
+estimate of the time left go to stderr. Outputs: evidence.json (with this command, the git commit and the machine),
+evidence.csv, evidence.png in --out.
 """
 
 import dataclasses
+import sys
 
 from absl import app, flags, logging
 
@@ -52,7 +54,7 @@ def main(argv):
             queries=FLAGS.queries, subsets=FLAGS.subsets, fraction=FLAGS.fraction, stratify=FLAGS.stratify,
             lds_seeds=FLAGS.lds_seeds, query_chunk=FLAGS.query_chunk,
             convergence_checkpoints=FLAGS.convergence_checkpoints, bootstrap=FLAGS.bootstrap).validate()
-        results = evidence.run(config, FLAGS.workdir, FLAGS.out)
+        results = evidence.run(config, FLAGS.workdir, FLAGS.out, provenance=runtime.provenance(sys.argv))
     for row in evidence.evidence_rows(results):
         if row["method"] == "grad_dot":
             continue

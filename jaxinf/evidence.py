@@ -21,20 +21,22 @@ runs of all seeds:
   trajectory ground truth at every checkpoint (does agreement with the run's own derivative change as the
   fine-tuning converges?).
 
-Outputs in `out_dir`: evidence.json (everything, with the settings and the per-run summaries), evidence.csv (one
-row per dataset, damping, ground truth and method) and evidence.png (the paired differences with intervals).
+Outputs in `out_dir`: evidence.json (everything, with the settings, the per-run summaries and the provenance: command,
+git commit, machine), evidence.csv (one row per dataset, damping, ground truth and method) and evidence.png (the
+paired differences with intervals).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Optional
 
 import numpy as np
 
-from jaxinf import pipeline, progress
+from jaxinf import pipeline, progress, runtime
 from jaxinf.data import GENERATORS
 from jaxinf.evaluation.metrics import row_spearman, spearman
 from jaxinf.groundtruth import agreement
@@ -101,9 +103,12 @@ class EvidenceConfig:
                                    report=dataclasses.replace(self.study.report, bootstrap=self.bootstrap))
 
 
-def run(config: EvidenceConfig, workdir: str, out_dir: Optional[str] = None) -> dict:
+def run(config: EvidenceConfig, workdir: str, out_dir: Optional[str] = None,
+        provenance: Optional[dict] = None) -> dict:
     """Every (dataset, seed) study in workdir/<dataset>_s<seed> (each resumable), then the pooled findings in
-    out_dir (default workdir): evidence.json, evidence.csv, evidence.png. Returns evidence.json as a dict."""
+    out_dir (default workdir): evidence.json, evidence.csv, evidence.png. Returns evidence.json as a dict.
+    provenance: what evidence.json records as the run's command, commit and machine (`runtime.provenance`; default:
+    this process's, from sys.argv)."""
     config.validate()
     out_dir = out_dir or workdir
     units = [(name, seed) for name in config.datasets for seed in config.seeds]
@@ -129,8 +134,9 @@ def run(config: EvidenceConfig, workdir: str, out_dir: Optional[str] = None) -> 
         with progress.stage(f"evidence convergence {i + 1}/{len(config.datasets)}: {name} (ground truth at every "
                             "checkpoint)"):
             findings[name]["convergence"] = _convergence(config, name, workdir)
-    results = {"settings": _settings(config), "runs": summaries, "findings": findings,
-               "seconds": time.perf_counter() - start}
+    results = {"settings": _settings(config),
+               "provenance": provenance if provenance is not None else runtime.provenance(sys.argv),
+               "runs": summaries, "findings": findings, "seconds": time.perf_counter() - start}
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "evidence.json"), results)
     rows = evidence_rows(results)

@@ -10,12 +10,17 @@ compilation per phase that a cold run pays. `setup()` turns it on for a binary's
     $XDG_CACHE_HOME/jaxinf/jax   (default ~/.cache/jaxinf/jax)  otherwise.
 
 Library code never calls this: importing jaxinf changes no global jax setting.
+
+`provenance(argv)`: what a results file needs to say where it came from (command, git commit, machine).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+import platform
+import shlex
+import subprocess
+from typing import Optional, Sequence
 
 import jax
 
@@ -55,3 +60,30 @@ def setup(*, min_compile_seconds: float = 0.0) -> Optional[str]:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def git_commit(path: Optional[str] = None) -> Optional[str]:
+    """The short hash of HEAD of the git checkout holding `path` (default: this package's folder), or None when it
+    is not in a checkout or git is unavailable. Uncommitted changes are not visible in it."""
+    path = path or os.path.dirname(os.path.abspath(__file__))
+    try:
+        proc = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
+
+
+def provenance(argv: Sequence[str], commit_path: Optional[str] = None) -> dict:
+    """{"command": argv shell-quoted and joined, "commit": `git_commit(commit_path)`, "machine": platform, CPU
+    count, Python, jax / jaxlib versions and the default backend's devices}. A binary passes `sys.argv`."""
+    import jaxlib
+
+    devices = jax.devices()
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+               "jaxlib": getattr(jaxlib, "__version__", None), "backend": jax.default_backend(),
+               "devices": f"{len(devices)} x {devices[0].device_kind}"}
+    return {"command": shlex.join(str(a) for a in argv), "commit": git_commit(commit_path), "machine": machine}

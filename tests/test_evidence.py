@@ -1,5 +1,6 @@
 """The evidence job at tiny size: every run writes both LDS kinds and the paired differences, every row of a table
-is scored on the same queries, the pooled findings carry intervals and verdicts, and a rerun resumes."""
+is scored on the same queries, the pooled findings carry intervals and verdicts, evidence.json records its command,
+commit and machine, and a rerun resumes."""
 
 import json
 import os
@@ -51,8 +52,14 @@ def test_pooled_findings_have_intervals_verdicts_and_files(tiny_evidence):
     assert len(curve) >= 2 and all(np.isfinite(c["methods"]["exact"]["trajectory_spearman"]) for c in curve)
     for name in ("evidence.json", "evidence.csv", "evidence.png"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0
-    again = evidence.run(config, workdir)  # every stage from its cache: the same numbers
-    assert again["findings"] == results["findings"]
+    provenance = results["provenance"]  # default: this process's command, the checkout's commit, the machine
+    assert provenance["command"].strip() and set(provenance) == {"command", "commit", "machine"}
+    assert provenance["machine"]["cpus"] >= 1 and provenance["machine"]["jax"]
+    with open(os.path.join(workdir, "evidence.json")) as f:
+        assert json.load(f)["provenance"] == provenance
+    given = {"command": "python -m experiments.evidence --datasets=backdoor", "commit": None, "machine": {}}
+    again = evidence.run(config, workdir, provenance=given)  # every stage from its cache: the same numbers
+    assert again["findings"] == results["findings"] and again["provenance"] == given
 
 
 def test_evidence_refuses_too_few_queries_and_a_missing_dataset(tmp_path):
