@@ -26,11 +26,11 @@ from typing import Any, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxinf.attribution.gradients import LazyGradients, as_matrix, batch_arrays, per_example_gradients
 from jaxinf.attribution.scores import pairwise_scores
 from jaxinf.models.loss import LMFunctions
+from jaxinf.progress import stage
 
 PyTree = Any
 
@@ -132,16 +132,18 @@ def tracin_scores(loss, checkpoints: Sequence[tuple], query_data, train_data, *,
     """
     from jaxinf.attribution.gradients import flatten_rows
 
+    checkpoints = list(checkpoints)
     total = None
-    for trainable, w, *precond in tqdm(checkpoints, desc="TracIn checkpoints", disable=not progress):
-        if w == 0.0:
-            continue
-        gq = per_example_gradients(loss, trainable, query_data, chunk_size=chunk_size)
-        if precond:  # [1, D] in the gradients' flattening order
-            gq = as_matrix(gq) * flatten_rows(jax.tree.map(lambda x: x[None], precond[0]))
-        train = LazyGradients(loss, trainable, train_data, chunk_size=chunk_size)
-        s = w * pairwise_scores(gq, train, progress=False)
-        total = s if total is None else total + s
+    with stage("TracIn checkpoints", len(checkpoints), unit="checkpoint", enabled=progress) as bar:
+        for trainable, w, *precond in checkpoints:
+            if w != 0.0:
+                gq = per_example_gradients(loss, trainable, query_data, chunk_size=chunk_size)
+                if precond:  # [1, D] in the gradients' flattening order
+                    gq = as_matrix(gq) * flatten_rows(jax.tree.map(lambda x: x[None], precond[0]))
+                train = LazyGradients(loss, trainable, train_data, chunk_size=chunk_size)
+                s = w * pairwise_scores(gq, train, progress=False)
+                total = s if total is None else total + s
+            bar.update()
     if total is None:
         raise ValueError("every checkpoint has weight 0: nothing to sum")
     return total

@@ -23,10 +23,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxinf.attribution.gradients import as_matrix, num_rows, take_rows, unflatten_rows
 from jaxinf.attribution.scores import top_k_indices
+from jaxinf.progress import stage
 
 PyTree = Any
 
@@ -104,9 +104,11 @@ def low_rank_scores(lrq: LowRankQueries, train, *, chunk_size: Optional[int] = N
     if chunk_size is None:
         chunk_size = int(getattr(train, "chunk_size", 256))
     blocks = []
-    for s in tqdm(range(0, n, chunk_size), desc="low-rank scores", disable=not progress):
-        rows = take_rows(train, slice(s, min(n, s + chunk_size)))
-        blocks.append(np.asarray(_score_block(lrq, _train_leaves(rows, lrq))))
+    with stage("low-rank scores", n, unit="row", enabled=progress) as bar:
+        for s in range(0, n, chunk_size):
+            rows = take_rows(train, slice(s, min(n, s + chunk_size)))
+            blocks.append(np.asarray(_score_block(lrq, _train_leaves(rows, lrq))))
+            bar.update(min(n, s + chunk_size) - s)
     return np.concatenate(blocks, axis=1)
 
 

@@ -20,9 +20,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxinf import sharding
+from jaxinf.progress import stage
 from jaxinf.workdir import guard, write_npy
 from jaxinf.attribution.gradients import (as_matrix, flatten_rows, num_rows, take_rows,
                                           unflatten_rows)
@@ -124,7 +124,7 @@ def pairwise_scores(query, train, *, chunk_size: Optional[int] = None, out_dir: 
                                  "query_sha1": _fingerprint(qh)})
     blocks = []
     starts = range(0, n, chunk_size)
-    with tqdm(total=n, desc=desc, unit="row", disable=not progress) as bar:
+    with stage(desc, n, unit="row", enabled=progress) as bar:
         for start in starts:
             stop = min(n, start + chunk_size)
             path = chunk_path(out_dir, start, stop) if out_dir is not None else None
@@ -174,8 +174,11 @@ def candidate_scores(query, train, candidates, *, chunk_size: int = 256, fill: f
         return out
     union = np.unique(cand)
     blocks = []
-    for s in tqdm(range(0, len(union), chunk_size), desc="candidate scores", disable=not progress):
-        blocks.append(_block(q, as_matrix(take_rows(train, union[s:s + chunk_size])), False))
+    with stage("candidate scores", len(union), unit="row", enabled=progress) as bar:
+        for s in range(0, len(union), chunk_size):
+            rows = union[s:s + chunk_size]
+            blocks.append(_block(q, as_matrix(take_rows(train, rows)), False))
+            bar.update(len(rows))
     sub = np.concatenate(blocks, axis=1)
     out = out.astype(np.result_type(sub.dtype, np.float32))
     pos = np.searchsorted(union, cand)
@@ -206,14 +209,16 @@ def self_influence(train, solver=None, state=None, *, like: Optional[PyTree] = N
         like = getattr(train, "trainable", None)
     n = num_rows(train)
     out = []
-    for s in tqdm(range(0, n, chunk_size), desc="self-influence", disable=not progress):
-        g = take_rows(train, slice(s, min(n, s + chunk_size)))
-        flat = as_matrix(g)
-        if solver is None:
-            pg = flat
-        else:
-            pg = flatten_rows(solver.apply_batched(state, jax.tree.map(jnp.asarray, _stacked_like(g, like))))
-        out.append(np.sum(np.asarray(flat) * np.asarray(pg), axis=1))
+    with stage("self-influence", n, unit="row", enabled=progress) as bar:
+        for s in range(0, n, chunk_size):
+            g = take_rows(train, slice(s, min(n, s + chunk_size)))
+            flat = as_matrix(g)
+            if solver is None:
+                pg = flat
+            else:
+                pg = flatten_rows(solver.apply_batched(state, jax.tree.map(jnp.asarray, _stacked_like(g, like))))
+            out.append(np.sum(np.asarray(flat) * np.asarray(pg), axis=1))
+            bar.update(min(n, s + chunk_size) - s)
     return np.concatenate(out)
 
 
