@@ -124,21 +124,35 @@ def recall_at_k(scores, test_groups, train_groups, k: int, **kw) -> float:
     return float(np.nanmean(per_row_metrics(scores, test_groups, train_groups, ks=(k,), **kw)[f"recall@{k}"]))
 
 
-def spearman(a, b) -> float:
-    """Spearman rank correlation of two vectors; NaN when either is constant (no ranking to compare)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(scipy.stats.spearmanr(a, b).statistic)
-
-
 def row_spearman(a, b) -> np.ndarray:
     """[Q] Spearman correlation of row q of `a` [Q, N] with row q of `b` [Q, N] (across the N columns: how alike two
-    score matrices rank the training rows for each query); NaN for a constant row."""
+    score matrices rank the training rows for each query). The package's one Spearman:
+
+        rho_q = <r_q - mean(r_q), u_q - mean(u_q)> / (||r_q - mean(r_q)|| ||u_q - mean(u_q)||),  clipped to [-1, 1],
+
+    r_q, u_q the ranks of row q of a and b, ties given their average rank (as `scipy.stats.spearmanr`). NaN for a
+    constant row of either (no ranking to compare) and for a row holding a NaN."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"row_spearman needs two [Q, N] matrices of one shape, got {a.shape} and {b.shape}")
-    return np.array([spearman(x, y) for x, y in zip(a, b)])
+    if a.shape[1] == 0:
+        raise ValueError("row_spearman needs at least one column")
+    constant = (np.ptp(a, axis=1) == 0) | (np.ptp(b, axis=1) == 0)
+    ra = scipy.stats.rankdata(a, method="average", axis=1)  # a row holding a NaN ranks as all NaN
+    rb = scipy.stats.rankdata(b, method="average", axis=1)
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    den = np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.clip((ra * rb).sum(1) / den, -1.0, 1.0)
+    return np.where(constant, np.nan, rho)
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two vectors (`row_spearman` of one row); NaN when either is constant."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"spearman needs two vectors of one length, got shapes {a.shape} and {b.shape}")
+    return float(row_spearman(a[None], b[None])[0])
 
 
 def bootstrap_ci(values, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:

@@ -23,7 +23,6 @@ and recomputes both methods' LDS on them; for score ground truths it resamples q
 from __future__ import annotations
 
 import numpy as np
-import scipy.stats
 
 from jaxinf.evaluation.metrics import bootstrap_ci, row_spearman
 from jaxinf.evaluation.metrics import spearman as _spearman
@@ -46,15 +45,6 @@ def _summary(per_query: np.ndarray, n_boot: int, seed: int) -> dict:
     else:
         out["ci"] = list(bootstrap_ci(v, n_boot=n_boot, seed=seed))
     return out
-
-
-def _column_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """[Q] Spearman of column q of x [M, Q] with column q of y (NaN where either column is constant)."""
-    rx, ry = scipy.stats.rankdata(x, axis=0), scipy.stats.rankdata(y, axis=0)
-    rx, ry = rx - rx.mean(0), ry - ry.mean(0)
-    den = np.sqrt((rx ** 2).sum(0) * (ry ** 2).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (rx * ry).sum(0) / np.where(den > 0, den, 1.0), np.nan)
 
 
 def paired_lds(scores_a: np.ndarray, scores_b: np.ndarray, masks: np.ndarray, losses: np.ndarray, *,
@@ -81,8 +71,8 @@ def pooled_paired_lds(strata, *, n_boot: int = 1000, level: float = 0.95, seed: 
             raise ValueError(f"paired LDS needs scores [Q, N], masks [M, N] and losses [M, Q]; got {pa.shape} vs "
                              f"{y.shape}")
         prepared.append((pa, pb, y))
-    def diff(pa, pb, y):
-        return _column_spearman(pa, y) - (0.0 if pb is None else _column_spearman(pb, y))
+    def diff(pa, pb, y):  # [Q]: Spearman over the subsets of each query's column
+        return row_spearman(pa.T, y.T) - (0.0 if pb is None else row_spearman(pb.T, y.T))
 
     per_query = np.concatenate([diff(pa, pb, y) for pa, pb, y in prepared])
     out = {"value": float(np.nanmean(per_query)) if np.isfinite(per_query).any() else float("nan"),
@@ -125,7 +115,7 @@ def lds_per_query(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> 
         raise ValueError(f"LDS needs scores [Q, N], masks [M, N] and losses [M, Q]; got {s.shape}, {k.shape}, "
                          f"{y.shape}")
     pred = k @ s.T  # [M, Q]
-    return np.array([_spearman(pred[:, q], -y[:, q]) for q in range(s.shape[0])])
+    return row_spearman(pred.T, -y.T)
 
 
 def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> dict:
