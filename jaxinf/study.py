@@ -43,6 +43,7 @@ from jaxinf import attribution, ihvp
 from jaxinf.evaluation.metrics import row_spearman
 from jaxinf.curvature.cached import gradient_fisher_operator
 from jaxinf.curvature.kfac import fit_factors
+from jaxinf.curvature.spectrum import gradient_trace
 from jaxinf.ihvp.ekfac import ekfac, kfac, state_from_factors
 from jaxinf.models import LMFunctions
 
@@ -261,7 +262,7 @@ class StudyInputs:
         if key not in self._derived():
             if self.curvature == "fisher":
                 g = _flat(self.train_grads).astype(np.float64)
-                self._derived()[key] = (float(np.mean(np.sum(g * g, axis=1))), "exact: mean_n ||g_n||^2")
+                self._derived()[key] = (float(gradient_trace(g)), "exact: mean_n ||g_n||^2")
             elif self.model_spectrum is not None:
                 self._derived()[key] = (float(np.sum(self.model_spectrum[0])), "exact: sum of the dense eigenvalues")
             else:
@@ -278,7 +279,7 @@ class StudyInputs:
         if not tr > 0:
             raise ValueError(f"relative damping needs tr(C) > 0, but the {self.curvature} trace is {tr:.4g} ({how}); "
                              "use --curvature=ggn or fisher, whose trace is positive")
-        return self.damping * tr / _num_params(self.adapters)
+        return ihvp.relative_lambda(self.damping, tr, _num_params(self.adapters))
 
     @property
     def block_lambdas(self) -> dict:
@@ -286,8 +287,7 @@ class StudyInputs:
         part = ihvp.LayerPartition.of(self.adapters, by="leaf")
         out = {}
         for name, g in zip(part.names, part.split_batched(self.train_grads)):
-            g = np.asarray(g, np.float64)
-            out[name] = self.damping * float(np.mean(np.sum(g * g, axis=1))) / g.shape[1]
+            out[name] = float(ihvp.block_lambda(self.damping, np.asarray(g, np.float64)))
         if not all(v > 0 for v in out.values()):
             raise ValueError(f"block damping: LoRA matrices {[k for k, v in out.items() if not v > 0]} have zero "
                              "gradients, so their relative damping is 0; use --damping_scope=global")

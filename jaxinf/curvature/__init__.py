@@ -3,7 +3,7 @@
 Public API:
   CurvatureOperator, hessian_operator, ggn_operator, fisher_operator, raw_hvp
   dense_matrix, dense_hessian, dense_ggn, dense_fisher, dense_per_example_grads
-  largest_eigenvalue, hutchinson_trace, fisher_trace, power_iteration_flat
+  largest_eigenvalue, hutchinson_trace, fisher_trace, gradient_trace, power_iteration_flat
   toy (tiny test problems)
   TreeSpec and tree_* vector helpers
 """
@@ -37,7 +37,8 @@ from jaxinf.curvature.operators import (
     hessian_operator,
     raw_hvp,
 )
-from jaxinf.curvature.spectrum import fisher_trace, hutchinson_trace, largest_eigenvalue, power_iteration_flat
+from jaxinf.curvature.spectrum import (fisher_trace, gradient_trace, hutchinson_trace, largest_eigenvalue,
+                                      power_iteration_flat)
 
 __all__ = [
     "CurvatureOperator",
@@ -52,6 +53,7 @@ __all__ = [
     "dense_per_example_grads",
     "fisher_operator",
     "fisher_trace",
+    "gradient_trace",
     "ggn_operator",
     "hessian_operator",
     "hutchinson_trace",

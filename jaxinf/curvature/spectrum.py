@@ -77,6 +77,14 @@ def _hutchinson_trace(op, key, num_probes):
     return jnp.mean(quad)
 
 
+def gradient_trace(grads):
+    """tr(G^T G / N) = (1/N) sum_i ||g_i||^2, the trace of the empirical Fisher of N per-example gradients: a matrix
+    [N, d] or a stacked pytree (leaves [N, ...]), numpy or jax, computed in their dtype (numpy stays numpy). The
+    package's one formula for it (`fisher_trace`, the study's cached-gradient trace, the per-block damping)."""
+    sq = sum((x * x).reshape(x.shape[0], -1).sum(axis=1) for x in jax.tree.leaves(grads))  # ||g_i||^2 [N]
+    return sq.mean()
+
+
 def fisher_trace(op: CurvatureOperator) -> jax.Array:
     """Exact tr(F) = (1/N) sum_i ||g_i||^2 of a 'fisher' operator, one batch of gradients at a time (jitted)."""
     if op.kind != FISHER:
@@ -89,8 +97,6 @@ def _fisher_trace(op):
     (per_example_loss_fn,) = op.fns
 
     def one(batch):
-        g = jax.jacrev(per_example_loss_fn)(op.params, batch)  # leaves [m, *leaf]
-        sq = sum(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1) for x in jax.tree.leaves(g))
-        return jnp.mean(sq)
+        return gradient_trace(jax.jacrev(per_example_loss_fn)(op.params, batch))  # leaves [m, *leaf]
 
     return jnp.mean(jax.lax.map(one, op.batches))

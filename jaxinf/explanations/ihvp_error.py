@@ -228,7 +228,7 @@ def run(config: IhvpErrorConfig, workdir: str) -> dict:
         else:
             op, trace, trace_how = _model_curvature(config, kind, fns, adapters, task, key)
         for f in (config.dampings if kind == "fisher" else model_dampings):
-            lam = dataclasses.replace(inputs, damping=f).global_lambda if kind == "fisher" else f * trace / dim
+            lam = dataclasses.replace(inputs, damping=f).global_lambda if kind == "fisher" else ihvp.relative_lambda(f, trace, dim)
             t0 = time.perf_counter()
             x_ref, how = _reference(config, kind, op, lam, q_flat)
             ref_scores = how.pop("scores") if "scores" in how else x_ref @ n_flat.T

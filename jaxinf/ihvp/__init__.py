@@ -15,7 +15,8 @@ Damping: a float (absolute) or ``absolute(a)`` / ``relative(fraction)``.
 from jaxinf.ihvp.arnoldi import arnoldi, arnoldi_hessenberg
 from jaxinf.ihvp.base import IHVPSolver, SolverFailedError
 from jaxinf.ihvp.cg import CGState, cg
-from jaxinf.ihvp.damping import Damping, absolute, as_damping, operator_damping, relative, resolve_damping
+from jaxinf.ihvp.damping import (Damping, absolute, as_damping, block_lambda, operator_damping, relative,
+                                 relative_lambda, resolve_damping)
 from jaxinf.ihvp.datainf import DataInfState, datainf
 from jaxinf.ihvp.direct import DirectState, direct, fit_matrix
 from jaxinf.ihvp.identity import IdentityState, identity
@@ -41,6 +42,7 @@ __all__ = [
     "arnoldi",
     "arnoldi_hessenberg",
     "as_damping",
+    "block_lambda",
     "cg",
     "datainf",
     "direct",
@@ -52,6 +54,7 @@ __all__ = [
     "lissa",
     "operator_damping",
     "relative",
+    "relative_lambda",
     "resolve_damping",
     "transform_eigenvalues",
     "woodbury",

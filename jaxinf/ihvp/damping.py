@@ -17,6 +17,21 @@ from typing import Union
 
 import jax.numpy as jnp
 
+from jaxinf.curvature.operators import FISHER
+from jaxinf.curvature.spectrum import fisher_trace, gradient_trace, hutchinson_trace
+
+
+def relative_lambda(fraction, trace, dim):
+    """lambda = fraction * trace / dim: `fraction` times the mean eigenvalue of a block of dimension `dim`. The one
+    place the relative rule is written (Python floats, numpy or jax, as given)."""
+    return fraction * trace / dim
+
+
+def block_lambda(fraction, grads):
+    """lambda_l = fraction * tr(F_l) / d_l = fraction * mean_i ||g_i,l||^2 / d_l for one block's per-example
+    gradients `grads` [N, d_l] (numpy or jax, in their dtype); fraction 0.1 is DataInf's default."""
+    return relative_lambda(fraction, gradient_trace(grads), grads.shape[1])
+
 
 @dataclasses.dataclass(frozen=True)
 class Damping:
@@ -35,7 +50,7 @@ class Damping:
             return jnp.asarray(self.value)
         if trace is None or dim is None:
             raise ValueError("relative damping needs the trace and dimension of the block")
-        return self.value * jnp.asarray(trace) / dim
+        return relative_lambda(self.value, jnp.asarray(trace), dim)
 
     def __str__(self):
         return f"relative({self.value})" if self.relative else f"absolute({self.value})"
@@ -75,9 +90,6 @@ def operator_damping(damping: DampingLike, op, key=None, trace_probes: int = 16,
     (tr F = mean_i ||g_i||^2, one pass of per-example gradients), otherwise a
     Hutchinson estimate with ``trace_probes`` Rademacher probes (needs a key).
     """
-    from jaxinf.curvature.operators import FISHER
-    from jaxinf.curvature.spectrum import fisher_trace, hutchinson_trace
-
     damping = as_damping(damping)
     dtype = op.spec.dtype
     if not damping.relative:

@@ -24,7 +24,7 @@ import jax.scipy.linalg as jsl
 
 from jaxinf.curvature.operators import CurvatureOperator
 from jaxinf.ihvp.base import IHVPSolver, state_dataclass
-from jaxinf.ihvp.damping import Damping, DampingLike, as_damping
+from jaxinf.ihvp.damping import Damping, DampingLike, as_damping, block_lambda
 from jaxinf.ihvp.layers import LayerPartition
 
 
@@ -55,7 +55,7 @@ def layer_dampings(damping, grads, names=None) -> jax.Array:
             raise ValueError(f"per-block damping has no value for blocks {missing}; its keys: {list(damping)}")
         lams = [damping[n] for n in names]
     else:
-        lams = [damping.resolve(jnp.mean(jnp.sum(g * g, axis=1)), g.shape[1]) for g in grads]
+        lams = [block_lambda(damping.value, g) if damping.relative else damping.resolve() for g in grads]
     return jnp.stack([jnp.asarray(x, grads[0].dtype) for x in lams])
 
 
