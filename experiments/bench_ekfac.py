@@ -43,6 +43,7 @@ from jaxinf.curvature import capture, kfac
 from jaxinf.ihvp.ekfac import ekfac
 from jaxinf.ihvp.damping import relative
 from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model, param_count
+from jaxinf.workdir import write_text
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("workload", "smollm2_lora", ["smollm2_lora", "gpt2_small"], "model / parameter set")
@@ -181,15 +182,13 @@ def main(argv):
         "memory_after_score": _peak_memory(),
         "damping": f"relative({FLAGS.damping})",
     }
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     existing = {}
     if os.path.exists(FLAGS.out):
         with open(FLAGS.out) as f:
             existing = json.load(f)
     key = f"{FLAGS.workload}/{FLAGS.dtype}/{result['platform']}/{FLAGS.n_train}x{FLAGS.n_query}x{FLAGS.seq_len}"
     existing[key] = result
-    with open(FLAGS.out, "w") as f:
-        json.dump(existing, f, indent=2)
+    write_text(FLAGS.out, json.dumps(existing, indent=2))  # atomic; indent 2 as results/bench_ekfac.json
     print(json.dumps(result, indent=2))
 
 

@@ -12,7 +12,6 @@ masked run, chunk 1), and the run itself. Reported: seconds and the ratios traje
 """
 
 import json
-import os
 import platform
 import time
 
@@ -23,6 +22,7 @@ from absl import app, flags
 from jaxinf import recipes, runtime, training
 from jaxinf.groundtruth import WeightedRun, lds_masks, retrain_losses, trajectory_influence
 from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, init_adapters, load_model
+from jaxinf.workdir import write_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", DEFAULT_MODEL, "model name or local directory")
@@ -81,9 +81,7 @@ def main(argv):
             f"--{k}={FLAGS[k].value}" for k in ("model", "data", "n_train", "queries", "steps", "batch_size",
                                                  "max_length", "repeats")),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(FLAGS.out, result)
     print(json.dumps(result, indent=1))
 
 

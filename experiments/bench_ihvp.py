@@ -22,7 +22,6 @@ Usage: python -m experiments.bench_ihvp [--out results/bench_ihvp.json] [--quick
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxinf import curvature as cv
 from jaxinf import ihvp, runtime
+from jaxinf.workdir import write_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "results/bench_ihvp.json", "where to write the JSON results")
@@ -410,9 +410,7 @@ def main(argv):
         "cpu_count": os.cpu_count(),
         "total_seconds": time.perf_counter() - t0,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(FLAGS.out, results)
     t = results["timing"]
     print(
         f"HVP: library {t['median_seconds']['library_hvp'] * 1e3:.3f} ms, raw {t['median_seconds']['raw_jvp_grad'] * 1e3:.3f} ms, "

@@ -335,12 +335,11 @@ def _side_main() -> None:
     if len(affinity) != FLAGS._threads:
         raise RuntimeError(f"side process pinned to cores {affinity}, expected {FLAGS._threads}")
     out = {"jaxinf": run_jaxinf, "kronfluence": run_kronfluence}[FLAGS._side](FLAGS._workdir)
-    from jaxinf.workdir import write_npz
+    from jaxinf.workdir import write_json, write_npz
 
     write_npz(FLAGS._side_out + ".scores.npz", **out.pop("scores"))
     out["affinity"] = affinity
-    with open(FLAGS._side_out, "w") as f:
-        json.dump(out, f)
+    write_json(FLAGS._side_out, out)
 
 
 def _run_side(side: str, workdir: str, vocab: int, cores: int, tag: str) -> tuple[dict, dict]:

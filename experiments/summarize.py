@@ -7,12 +7,14 @@ is marked with `*` in every table and `converged=False` in the CSV.
 
 import csv
 import glob
+import io
 import json
 import os
 
 from absl import app, flags
 
 from jaxinf.study import ALL_METHODS
+from jaxinf.workdir import write_text
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("runs", "runs/study", "folder whose subfolders hold results.json")
@@ -67,21 +69,21 @@ def main(argv):
         raise app.UsageError(f"no */results.json under {FLAGS.runs}: run experiments.attribute first")
     methods = [m for m in ALL_METHODS if any(m in r["methods"] for _, r in runs)]
     kinds = [k for k in GT_TITLES if any(k in r.get("ground_truth", {}) for _, r in runs)]
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out + ".csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["data", "n_train", "n_test", "method", "acc", "acc_lo", "acc_hi", "cover", "cover_lo",
-                         "cover_hi", "auc", "spearman_vs_exact", "seconds", "lambda", "converged",
-                         *[f"gt_{k}" for k in kinds]])
-        for name, res in runs:
-            for m in methods:
-                d = res["methods"].get(m)
-                if not d or "error" in d:
-                    continue
-                writer.writerow([name, res["n_train"], res["n_test"], m, d["acc"]["value"], *d["acc"]["ci"],
-                                 d["cover"]["value"], *d["cover"]["ci"], d["auc"]["value"],
-                                 d["vs_exact"]["spearman"], d["seconds"], d.get("lambda", ""),
-                                 d.get("converged", ""), *[_value(d, f"gt_{k}") for k in kinds]])
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["data", "n_train", "n_test", "method", "acc", "acc_lo", "acc_hi", "cover", "cover_lo",
+                     "cover_hi", "auc", "spearman_vs_exact", "seconds", "lambda", "converged",
+                     *[f"gt_{k}" for k in kinds]])
+    for name, res in runs:
+        for m in methods:
+            d = res["methods"].get(m)
+            if not d or "error" in d:
+                continue
+            writer.writerow([name, res["n_train"], res["n_test"], m, d["acc"]["value"], *d["acc"]["ci"],
+                             d["cover"]["value"], *d["cover"]["ci"], d["auc"]["value"],
+                             d["vs_exact"]["spearman"], d["seconds"], d.get("lambda", ""),
+                             d.get("converged", ""), *[_value(d, f"gt_{k}") for k in kinds]])
+    write_text(FLAGS.out + ".csv", buf.getvalue())
     first = runs[0][1]
     parts = [f"Model {first['model']}, preset {first['preset']}, seed {first['seed']}, loss on "
              f"{first['loss_on']}, RepSim pooling {first['repsim_pooling']}. Bootstrap 95% intervals in "
@@ -94,8 +96,7 @@ def main(argv):
     if any(d.get("converged") is False for _, r in runs for d in r["methods"].values()):
         parts.append("\n`*` did not converge (CG reached its iteration limit above its tolerance; see "
                      "relative_residual in results.json).")
-    with open(FLAGS.out + ".md", "w") as f:
-        f.write("\n".join(parts) + "\n")
+    write_text(FLAGS.out + ".md", "\n".join(parts) + "\n")
     print("\n".join(parts))
 
 

@@ -6,19 +6,23 @@ Nothing here computes a score or a metric; every function formats what `jaxinf.p
 from __future__ import annotations
 
 import csv
+import io
 from typing import Sequence
 
 import numpy as np
+
+from jaxinf.workdir import write_text
 
 METRICS = ("acc", "cover", "auc", "recall@10")
 
 
 def write_csv(path: str, rows: Sequence[dict]) -> None:
-    """results.csv: one row per method, the columns of the first row."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
-        writer.writeheader()
-        writer.writerows(rows)
+    """results.csv: one row per method, the columns of the first row (written atomically)."""
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["method"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def _parse_cell(value: str):
