@@ -106,7 +106,8 @@ def test_model_operator_and_lanczos_spectrum_against_dense_hessian():
 
 def test_model_operators_take_the_base_weights_as_an_argument():
     """The base weights are held once as the operator's shared data (not stacked per batch) and enter the compiled
-    product as an argument: no constant of the embedding's shape in the lowered program."""
+    product as an argument: no constant of the embedding's shape in the lowered program. An operator rebuilt for
+    the same fns (another checkpoint's adapters) reuses the compiled product."""
     model, lora, fns, adapters = _tiny()
     tok = tokenize_rows(model.tokenizer, load_rows("backdoor", "train", limit=4), max_length=128)
     rows = {k: np.asarray(getattr(tok, k)) for k in training.BATCH_KEYS}
@@ -119,6 +120,11 @@ def test_model_operators_take_the_base_weights_as_an_argument():
         constants = [line for line in text.splitlines() if "constant" in line]
         shape = "tensor<" + "x".join(map(str, embed.shape))
         assert not [c for c in constants if shape in c], kind
+        product = jax.jit(lambda o, v: o.matvec(v))
+        product(op, adapters)
+        rebuilt = analysis.model_operator(kind, fns, jax.tree.map(lambda x: x + 1, adapters), batches)
+        product(rebuilt, adapters)
+        assert product._cache_size() == 1, kind
 
 
 def _run(args, tmp_path):

@@ -21,7 +21,8 @@ almost all the quadrature weight, and its sign (often a rounding-level -1e-4) de
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +34,30 @@ from jaxinf.curvature.operators import FISHER, GGN, HESSIAN, CurvatureOperator, 
 KINDS = (FISHER, GGN, HESSIAN)
 
 
-@functools.lru_cache(maxsize=None)
+@dataclasses.dataclass(frozen=True)
+class _LossFn:
+    """(p, b) -> fns.<method>(p, b), the frozen base weights read from b["base"] when `base` (else fns as it is).
+
+    A value, not a closure: two made from the same `fns` (compared by identity) and method are equal and hash
+    alike, so operators rebuilt for the same model (each checkpoint, each study stage) have equal static loss
+    functions and reuse one compilation, without a cache that would keep every model alive."""
+
+    fns: Any
+    method: str
+    base: bool = True
+
+    def __call__(self, p, b):
+        return getattr(self.fns.with_base(b["base"]) if self.base else self.fns, self.method)(p, b)
+
+
 def _operator_fns(fns, kind: str) -> tuple:
-    """Loss functions of `kind` that read the frozen base weights from batch["base"] (cached per fns: one jit)."""
+    """Loss functions of `kind` that read the frozen base weights from batch["base"] (equal for the same fns)."""
     if kind == HESSIAN:
-        return (lambda p, b: fns.with_base(b["base"]).loss(p, b),)
+        return (_LossFn(fns, "loss"),)
     if kind == GGN:
-        return (lambda p, b: fns.with_base(b["base"]).logits(p, b), lambda z, b: fns.output_loss(z, b))
+        return (_LossFn(fns, "logits"), _LossFn(fns, "output_loss", base=False))
     if kind == FISHER:
-        return (lambda p, b: fns.with_base(b["base"]).per_example_loss(p, b),)
+        return (_LossFn(fns, "per_example_loss"),)
     raise ValueError(f"curvature kind must be one of {KINDS}, got {kind!r}")
 
 
