@@ -340,6 +340,12 @@ def _lm_run(fns: LMFunctions, params, batch, loss: LossFn, extra: Sequence[Inter
 _DISCOVERED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # fns -> {TreeSpec: layers}
 
 
+def _is_decoder(fns: LMFunctions) -> bool:
+    from jaxinf.models.causal_lm import DecoderLM
+
+    return isinstance(fns.model, DecoderLM)
+
+
 def lm_layers(fns: LMFunctions, trainable: PyTree) -> tuple[Layer, ...]:
     """All linear layers of the trainable pytree: the LoRA A/B pairs, or every Dense/FlaxConv1D kernel.
 
@@ -347,6 +353,10 @@ def lm_layers(fns: LMFunctions, trainable: PyTree) -> tuple[Layer, ...]:
     """
     if fns.lora is not None:
         return lora_layers(trainable)
+    if _is_decoder(fns):
+        raise ValueError(f"model {fns.model.name!r} runs on jaxinf's own decoder, whose stacked [layers, d_in, d_out] "
+                         "kernels have no per-layer capture yet: use LoRA adapters (LMFunctions(model, LoraConfig())) "
+                         "for K-FAC / EK-FAC / DataInf, or the gradient-only methods for full parameters")
     spec = TreeSpec.of(trainable)
     cached = _DISCOVERED.setdefault(fns, {})
     if spec not in cached:
@@ -383,10 +393,55 @@ def capture_with_losses(fns: LMFunctions, trainable: PyTree, batch: dict, layers
     ``base``: the frozen base weights for LoRA (default ``fns.model.params``; see ``base_params``).
     """
     loss = _default_loss() if loss is None else loss
+    if _is_decoder(fns):
+        if fns.lora is None:
+            lm_layers(fns, trainable)  # raises: full-parameter capture is LoRA-only on the decoder
+        return _decoder_lora_capture(fns, trainable, batch, layers, loss, fns.model.params if base is None else base)
     if fns.lora is None:
         return capture_linen(_lm_run(fns, trainable, batch, loss), layers)
     run = _lm_run(fns, fns.model.params if base is None else base, batch, loss)
     return _capture(run, lambda rec: _lora_capture_interceptor(layers, trainable, fns.lora.scale, rec))
+
+
+def _decoder_lora_capture(fns: LMFunctions, adapters: dict, batch: dict, layers: Sequence[Layer], loss: LossFn,
+                          base: PyTree) -> tuple[dict, jax.Array]:
+    """LoRA capture on jaxinf's decoder, from its zero taps: one (x, g_y) per adapted projection and layer, with x
+    the projection's input and g_y = dJ/dy the cotangent of its output y = x W + s (x A) B, give
+
+        "<p>/A": input x,      g = dJ/d(xA) = s g_y B^T
+        "<p>/B": input h = xA, g = dJ/d(hB) = s g_y
+
+    the same (a, g) as the interceptor path for Flax models (adapters without dropout)."""
+    from jaxinf.models import decoder
+
+    model, scale = fns.model, fns.lora.scale
+    config = model.config
+    stacked = decoder.stack_adapters(config, adapters)
+    tracked = tuple(stacked)
+    wanted = {layer.name for layer in layers}
+
+    def losses_of(hidden):
+        return loss(decoder.project(config, base, hidden), batch)
+
+    captured, losses = decoder.capture_projections(
+        config, base, batch["input_ids"], batch["attention_mask"], losses_of, tracked, adapters=stacked,
+        lora_scale=scale, remat=model.remat)
+    out = {}
+    for name, (x, g_y) in captured.items():
+        ab = stacked[name]
+        for i in range(config.num_layers):
+            path = decoder.module_path(name, i)
+            a_i, b_i = ab["A"][i], ab["B"][i]
+            x_i = x[i].astype(a_i.dtype)
+            g_i = g_y[i].astype(a_i.dtype)
+            if f"{path}/A" in wanted:
+                out[f"{path}/A"] = (_as_tokens(x_i), _as_tokens(scale * g_i @ b_i.T))
+            if f"{path}/B" in wanted:
+                out[f"{path}/B"] = (_as_tokens(x_i @ a_i), _as_tokens(scale * g_i))
+    missing = wanted - set(out)
+    if missing:
+        raise ValueError(f"layers {sorted(missing)} are not LoRA layers of the adapters {sorted(adapters)[:3]}...")
+    return out, losses
 
 
 def capture(fns: LMFunctions, trainable: PyTree, batch: dict, layers=None, *,

@@ -15,7 +15,7 @@ themselves are used unmodified:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import chex
 import flax.linen as nn
@@ -149,3 +149,54 @@ def _apply_with(interceptors: Sequence[Interceptor], fn: Callable[[], Any]):
         return fn()
     with nn.intercept_methods(interceptors[0]):
         return _apply_with(interceptors[1:], fn)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DecoderLM:
+    """A causal LM run by jaxinf's own scanned decoder (`jaxinf.models.decoder`): no Flax module, no interceptors.
+
+    `config` is the `DecoderConfig`, `params` the stacked params pytree, `family` the Hugging Face model_type it
+    came from. LoRA adapters keep jaxinf's flat per-layer format ({"model/layers/<i>/<self_attn|mlp>/<proj>":
+    {"A", "B"}}, `jaxinf.models.lora`), stacked over layers on each call; capture for K-FAC goes through the
+    decoder's zero taps (`jaxinf.curvature.capture`). `remat` is the decoder's per-layer rematerialisation
+    ("none" | "layer" | "dots").
+    """
+
+    name: str
+    family: str
+    config: Any
+    params: Any
+    tokenizer: Any
+    remat: str = "none"
+
+    @property
+    def max_length(self) -> int:
+        return int(self.config.max_positions)
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+    def apply(self, params: Any, input_ids: jax.Array, attention_mask: jax.Array, *, adapters=None,
+              lora_scale: float | None = None, dropout: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+              output_hidden: bool = False, interceptors: Sequence[Interceptor] = ()):
+        """Logits [B, T, V] (and the last hidden state [B, T, H] after the final norm if `output_hidden`).
+
+        adapters: flat LoRA adapters (see the class docstring) or None; dropout applies to their inputs only
+        when `dropout_rng` is given.
+        """
+        from jaxinf.models import decoder
+
+        if interceptors:
+            raise ValueError(f"model {self.name!r} runs on jaxinf's own decoder, which takes no linen interceptors: "
+                             "pass LoRA adapters as `adapters=` and capture through jaxinf.curvature.capture")
+        chex.assert_rank([input_ids, attention_mask], 2)
+        chex.assert_equal_shape([input_ids, attention_mask])
+        if input_ids.shape[1] > self.max_length:
+            raise ValueError(
+                f"input_ids has length {input_ids.shape[1]} but model {self.name!r} accepts at most {self.max_length} "
+                "tokens: lower max_length when tokenising (e.g. --max_length).")
+        stacked = decoder.stack_adapters(self.config, adapters) if adapters else None
+        return decoder.forward(self.config, params, input_ids, attention_mask, adapters=stacked,
+                               lora_scale=lora_scale if stacked else None, remat=self.remat,
+                               return_hidden=output_hidden, dropout=dropout, dropout_rng=dropout_rng)

@@ -417,12 +417,15 @@ def _norm(config: DecoderConfig, p: Mapping, x: jax.Array) -> jax.Array:
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, lora: Mapping | None = None,
-           lora_scale: float | None = None, tap: jax.Array | None = None) -> jax.Array:
-    """The one linear projection of the decoder: y = x w (+ b) (+ lora_scale * (x A) B) (+ tap).
+           lora_scale: float | None = None, tap: jax.Array | None = None, dropout: float = 0.0,
+           dropout_key: jax.Array | None = None) -> jax.Array:
+    """The one linear projection of the decoder: y = x w (+ b) (+ lora_scale * (drop(x) A) B) (+ tap).
 
     x: [..., d_in]; w: [d_in, d_out]; b: [d_out]; lora: {"A": [d_in, r], "B": [r, d_out]} (computed in the
     adapters' dtype, added in y's); tap: [..., d_out], normally zeros: the gradient of a loss with respect to it
-    is the cotangent of this projection's output y (the K-FAC "g").
+    is the cotangent of this projection's output y (the K-FAC "g"). With `dropout_key` and `dropout` > 0 the
+    adapter's input is inverted dropout of x (keep with probability 1 - dropout, scaled by 1 / (1 - dropout)),
+    as PEFT's LoRA dropout; the base path x w never sees dropout.
     """
     y = jnp.einsum("...i,io->...o", x, w)
     if b is not None:
@@ -431,24 +434,36 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, lora: Mapp
         if lora_scale is None:
             raise ValueError("linear: a LoRA adapter needs lora_scale (alpha / rank)")
         a, bb = lora["A"], lora["B"]
-        y = y + (lora_scale * ((x.astype(a.dtype) @ a) @ bb)).astype(y.dtype)
+        xa = x.astype(a.dtype)
+        if dropout_key is not None and dropout > 0.0:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - dropout, xa.shape)
+            xa = jnp.where(keep, xa / (1.0 - dropout), 0.0).astype(a.dtype)
+        y = y + (lora_scale * ((xa @ a) @ bb)).astype(y.dtype)
     if tap is not None:
         y = y + tap.astype(y.dtype)
     return y
 
 
 class _Projections:
-    """One layer's view of the adapters, taps and recorded inputs (a fresh one per scan step)."""
+    """One layer's view of the adapters, taps and recorded inputs (a fresh one per scan step).
 
-    def __init__(self, adapters: Mapping, lora_scale: float | None, taps: Mapping, record: tuple[str, ...]):
+    `layer_key`: this layer's LoRA dropout key (None: no dropout); projection i of `PROJECTIONS` draws its mask
+    with fold_in(layer_key, i), so the same key gives the same masks."""
+
+    def __init__(self, adapters: Mapping, lora_scale: float | None, taps: Mapping, record: tuple[str, ...],
+                 dropout: float = 0.0, layer_key: jax.Array | None = None):
         self.adapters, self.lora_scale, self.taps, self.record = adapters, lora_scale, taps, record
+        self.dropout, self.layer_key = dropout, layer_key
         self.inputs: dict[str, jax.Array] = {}
 
     def __call__(self, name: str, p: Mapping, x: jax.Array) -> jax.Array:
         if name in self.record:
             self.inputs[name] = x
+        key = None
+        if self.layer_key is not None and name in self.adapters:
+            key = jax.random.fold_in(self.layer_key, _PROJECTION_INDEX[name])
         return linear(x, p["kernel"], p.get("bias"), lora=self.adapters.get(name), lora_scale=self.lora_scale,
-                      tap=self.taps.get(name))
+                      tap=self.taps.get(name), dropout=self.dropout, dropout_key=key)
 
 
 def _activate(config: DecoderConfig, x: jax.Array) -> jax.Array:
@@ -571,6 +586,7 @@ def project(config: DecoderConfig, params: Params, hidden: jax.Array) -> jax.Arr
 # "up_proj", its mlp.c_proj "down_proj", attn.c_proj "o_proj").
 PROJECTIONS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
                "down_proj": "down"}
+_PROJECTION_INDEX = {name: i for i, name in enumerate(PROJECTIONS)}
 _MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
@@ -720,7 +736,7 @@ def _record_names(record, taps: Mapping) -> tuple[str, ...]:
 def forward_hidden(config: DecoderConfig, params: Params, input_ids: jax.Array,
                    attention_mask: jax.Array | None = None, *, adapters: Mapping | None = None,
                    lora_scale: float | None = None, taps: Mapping | None = None, record=False,
-                   remat: str = "none"):
+                   remat: str = "none", dropout: float = 0.0, dropout_rng: jax.Array | None = None):
     """The last hidden state [B, T, H] after the final norm (the input of `project`), and with `record` the
     recorded projection inputs (see `forward`): ``hidden`` or ``(hidden, recorded)``."""
     c = config
@@ -766,13 +782,16 @@ def forward_hidden(config: DecoderConfig, params: Params, input_ids: jax.Array,
     uses_rope = c.positions == "rope"
 
     # adapters and taps are scanned inputs (one layer's slice per step), recorded inputs scanned outputs
+    drop = dropout_rng is not None and dropout > 0.0 and bool(adapters)
+
     def body(h, xs):
-        p, local, inv_freq, lora, tap = xs
+        p, local, inv_freq, lora, tap, index = xs
         if mixed:
             mask = jnp.where(local, local_mask, global_mask)
         else:
             mask = local_mask if any(is_local) else global_mask
-        proj = _Projections(lora, lora_scale, tap, recorded_names)
+        layer_key = jax.random.fold_in(dropout_rng, index) if drop else None
+        proj = _Projections(lora, lora_scale, tap, recorded_names, dropout, layer_key)
         h = _layer(c, p, h, mask, positions, inv_freq if uses_rope else None, proj)
         return h, proj.inputs
 
@@ -782,14 +801,16 @@ def forward_hidden(config: DecoderConfig, params: Params, input_ids: jax.Array,
         body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
 
     inv_freq = jnp.asarray(rope_table(c) if uses_rope else np.zeros((c.num_layers, 1)), _wide(dtype))
-    h, recorded = jax.lax.scan(body, h, (params["layers"], jnp.asarray(is_local), inv_freq, adapters, taps))
+    xs = (params["layers"], jnp.asarray(is_local), inv_freq, adapters, taps, jnp.arange(c.num_layers))
+    h, recorded = jax.lax.scan(body, h, xs)
     h = _norm(c, params["final_norm"], h)
     return (h, recorded) if record else h
 
 
 def forward(config: DecoderConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None,
             *, adapters: Mapping | None = None, lora_scale: float | None = None, taps: Mapping | None = None,
-            record=False, remat: str = "none", return_hidden: bool = False):
+            record=False, remat: str = "none", return_hidden: bool = False, dropout: float = 0.0,
+            dropout_rng: jax.Array | None = None):
     """Logits [B, T, V] (float32 for bfloat16 params, else the params' dtype).
 
     Returns ``logits``, with `return_hidden` ``(logits, hidden)`` (the last hidden state [B, T, H] after the
@@ -803,9 +824,11 @@ def forward(config: DecoderConfig, params: Params, input_ids: jax.Array, attenti
     record: True records the input [L, B, T, d_in] of every tapped projection; a tuple of names records those.
     remat: "none"; "layer" (recompute each layer in the backward pass, saving only its input); "dots"
     (`jax.checkpoint_policies.checkpoint_dots`: keep the matmul outputs, recompute the rest).
+    dropout, dropout_rng: LoRA dropout on the adapters' inputs (training only): layer l's projection i draws its
+    mask from fold_in(fold_in(dropout_rng, l), i); no key, no dropout.
     """
     out = forward_hidden(config, params, input_ids, attention_mask, adapters=adapters, lora_scale=lora_scale,
-                         taps=taps, record=record, remat=remat)
+                         taps=taps, record=record, remat=remat, dropout=dropout, dropout_rng=dropout_rng)
     h, recorded = out if record else (out, None)
     logits = project(config, params, h)
     result = (logits, h) if return_hidden else (logits,)

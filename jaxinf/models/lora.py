@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jaxinf.models.causal_lm import CausalLM
+from jaxinf.models.causal_lm import CausalLM, DecoderLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,9 @@ class LoraConfig:
 _FAMILY_DEFAULT_TARGETS = {"gpt2": ("c_attn",)}
 
 
-def resolve_targets(model: CausalLM, config: LoraConfig) -> tuple[str, ...]:
+def resolve_targets(model: CausalLM | DecoderLM, config: LoraConfig) -> tuple[str, ...]:
+    if isinstance(model, DecoderLM):  # our decoder splits GPT-2's c_attn into q/k/v: the defaults apply
+        return config.targets
     if config.targets == LoraConfig.targets and model.family in _FAMILY_DEFAULT_TARGETS:
         return _FAMILY_DEFAULT_TARGETS[model.family]
     return config.targets
@@ -51,9 +53,23 @@ def _transposed(model: CausalLM) -> bool:
     return model.family == "gpt2"
 
 
-def target_shapes(model: CausalLM, config: LoraConfig) -> dict[str, tuple[int, int]]:
+def _decoder_target_shapes(model: DecoderLM, targets) -> dict[str, tuple[int, int]]:
+    from jaxinf.models import decoder
+
+    dims = decoder.projection_dims(model.config)
+    unknown = [t for t in targets if t not in dims]
+    if unknown:
+        raise ValueError(f"LoRA targets {unknown} match no projection of {model.name!r}; its projections are "
+                         f"{list(dims)}.")
+    return {decoder.module_path(t, i): tuple(int(d) for d in dims[t])
+            for i in range(model.config.num_layers) for t in targets}
+
+
+def target_shapes(model: CausalLM | DecoderLM, config: LoraConfig) -> dict[str, tuple[int, int]]:
     """{layer path: (d_in, d_out)} for every kernel whose module name is a target."""
     targets = resolve_targets(model, config)
+    if isinstance(model, DecoderLM):
+        return dict(sorted(_decoder_target_shapes(model, targets).items(), key=lambda kv: _natural_key(kv[0])))
     flat = traverse_util.flatten_dict(model.params)
     shapes = {}
     for path, leaf in flat.items():
@@ -70,7 +86,7 @@ def _natural_key(path: str):
     return [int(p) if p.isdigit() else p for p in path.split("/")]
 
 
-def init_adapters(key: jax.Array, model: CausalLM, config: LoraConfig, *, b_std: float = 0.0) -> dict:
+def init_adapters(key: jax.Array, model: CausalLM | DecoderLM, config: LoraConfig, *, b_std: float = 0.0) -> dict:
     """PEFT initialisation (B = 0 unless `b_std` > 0, useful in tests so the adapters change the output)."""
     adapters = {}
     for i, (path, (d_in, d_out)) in enumerate(target_shapes(model, config).items()):
@@ -82,8 +98,13 @@ def init_adapters(key: jax.Array, model: CausalLM, config: LoraConfig, *, b_std:
     return adapters
 
 
-def merge_adapters(model: CausalLM, adapters: dict, config: LoraConfig) -> Any:
+def merge_adapters(model: CausalLM | DecoderLM, adapters: dict, config: LoraConfig) -> Any:
     """Base params with W + (alpha/r) A B written into each adapted kernel (transposed for FlaxConv1D)."""
+    if isinstance(model, DecoderLM):
+        from jaxinf.models import decoder
+
+        return decoder.merge_adapters(model.config, model.params, decoder.stack_adapters(model.config, adapters),
+                                      config.scale)
     flat = dict(traverse_util.flatten_dict(model.params))
     for path, ab in adapters.items():
         key = tuple(path.split("/")) + ("kernel",)

