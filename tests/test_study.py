@@ -17,20 +17,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_METHODS = "grad_dot,grad_cos,tracin,datainf,exact_layer,exact,lissa,cg,arnoldi,lanczos,kfac,ekfac,repsim"
 
 
-def _run(workdir, *flags):
-    cmd = [sys.executable, "-m", "experiments.attribute", "--model=tiny-llama", "--data=backdoor",
-           "--limit_train=24", "--limit_test=8", "--epochs=2", "--bootstrap=200", "--ground_truth=",
-           f"--workdir={workdir}", *flags]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _run(workdir, **settings):
+    """The study in-process (jaxinf.api.run_study, the binary's flag names as keywords): results.json as written,
+    and the method tables the binary prints."""
+    from jaxinf import api
+    from jaxinf.report import tables
+
+    common = dict(model="tiny-llama", data="backdoor", limit_train=24, limit_test=8, epochs=2, bootstrap=200,
+                  ground_truth="")
+    result = api.run_study(workdir, **{**common, **settings})
     with open(os.path.join(workdir, "results.json")) as f:
-        return json.load(f), proc.stdout
+        return json.load(f), "\n".join(tables.method_table(s) for s in result.sets)
 
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("study"))
-    return workdir, *_run(workdir, f"--methods={FAST_METHODS}")
+    return workdir, *_run(workdir, methods=FAST_METHODS)
 
 
 def test_every_method_runs_and_writes_results(first_run):
@@ -85,7 +88,7 @@ def test_metrics_of_the_binary_on_hand_made_scores(first_run, tmp_path):
     for name, matrix in (("grad_dot", same), ("grad_cos", 1.0 - same), ("datainf", half)):
         stem = f"{name}__fisher_global_f0.1" if name in study.DAMPED_METHODS else name
         np.savez(tmp_path / "scores" / f"{stem}.npz", scores=matrix, seconds=0.0)
-    hand, _ = _run(str(tmp_path), "--methods=grad_dot,grad_cos,datainf")
+    hand, _ = _run(str(tmp_path), methods="grad_dot,grad_cos,datainf")
     got = {m: tuple(hand["methods"][m][k]["value"] for k in ("acc", "cover", "auc")) for m in hand["methods"]}
     assert got["grad_dot"] == (1.0, 1.0, 1.0)
     assert got["grad_cos"] == (0.0, 0.0, 0.0)
@@ -98,7 +101,7 @@ def test_damping_sweep_and_model_curvatures_in_one_workdir(first_run):
     runs the curvature methods on the model's operator with an exact float64 reference."""
     workdir = first_run[0]
     methods = "grad_dot,exact,cg,lanczos,arnoldi,exact_layer"  # LiSSA on model operators: the CLI check (slow)
-    _, stdout = _run(workdir, f"--methods={methods}", "--damping=0.01,1", "--curvature=ggn")
+    _run(workdir, methods=methods, damping="0.01,1", curvature="ggn")
     lams = {}
     for f in ("0.01", "1"):
         with open(os.path.join(workdir, f"damping_{f}", "results.json")) as fh:
@@ -115,7 +118,7 @@ def test_damping_sweep_and_model_curvatures_in_one_workdir(first_run):
         if res["methods"]["cg"]["converged"]:
             assert res["methods"]["cg"]["vs_exact"]["spearman"] > 0.99
     assert lams["1"] == pytest.approx(100 * lams["0.01"])
-    _, stdout = _run(workdir, "--methods=exact,cg,lanczos,arnoldi", "--curvature=hessian")
+    _run(workdir, methods="exact,cg,lanczos,arnoldi", curvature="hessian")
     with open(os.path.join(workdir, "results.json")) as fh:
         res = json.load(fh)
     exact = res["methods"]["exact"]
