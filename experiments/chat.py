@@ -22,8 +22,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     model = load_model(FLAGS.model)
     fns = LMFunctions(model)
+    chat = getattr(model.tokenizer, "chat_template", None) is not None  # a base model (Gemma 3 270M) continues text
+    if not chat:
+        print(f"({model.name} has no chat template: its greedy continuation of each prompt)")
+    bos = "" if chat else (model.tokenizer.bos_token or "")  # a plain continuation starts at <bos>, as in training
     for prompt in FLAGS.prompt:
-        print(f"> {prompt}\n{greedy_generate(fns, model.params, prompt, max_new_tokens=FLAGS.max_new_tokens)}\n")
+        answer = greedy_generate(fns, model.params, prompt if chat else bos + prompt,
+                                 max_new_tokens=FLAGS.max_new_tokens, chat=chat)
+        print(f"> {prompt}\n{answer}\n")
 
 
 if __name__ == "__main__":
