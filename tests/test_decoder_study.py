@@ -89,10 +89,29 @@ def test_decoder_lora_dropout_is_seeded_and_leaves_the_base_path_alone():
     assert one == again and one != other and one != plain and no_dropout == pytest.approx(plain, rel=1e-6)
 
 
-def test_full_parameter_capture_on_the_decoder_is_refused_in_one_line():
-    model = load_model("tiny-qwen2")
-    with pytest.raises(ValueError, match=r"stacked .* use LoRA adapters"):
-        cap.lm_layers(LMFunctions(model), model.params)
+def test_full_parameter_capture_on_the_decoder_slices_the_stacked_kernels():
+    """float64, base weights trainable: one Layer per (layer, projection), a slice of the stacked kernel (and
+    bias: Qwen2's q/k/v), whose captured sum_t a_t g_t^T is each row's exact gradient; layers_to_tree puts the
+    slices back where restrict() finds them (zeros for slices not chosen)."""
+    with jax.enable_x64(True):
+        model = load_model("tiny-qwen2", dtype=jnp.float64)
+        fns, batch = LMFunctions(model), _batch(model.tokenizer)
+        layers = cap.lm_layers(fns, model.params)
+        assert len(layers) == 7 * model.config.num_layers and layers[0].name == "model/layers/0/self_attn/q_proj"
+        assert [l.bias is not None for l in layers[:4]] == [True, True, True, False]  # q/k/v biases, o without
+        captured = cap.capture(fns, model.params, batch)
+        exact = fns.per_example_grads(model.params, batch)
+        for layer, grads in zip(layers, cap.per_example_layer_grads(captured, layers)):
+            ref = layer.matrix_batched(exact)
+            np.testing.assert_allclose(grads, ref, rtol=1e-9, atol=1e-12 * float(jnp.abs(ref).max()),
+                                       err_msg=layer.name)
+        chosen = [l for l in layers if l.index == 1]
+        tree = cap.layers_to_tree(chosen, [l.matrix(model.params) for l in chosen],
+                                  like=cap.restrict(model.params, chosen))
+        kernel = tree["layers"]["q"]["kernel"]
+        assert kernel.shape == model.params["layers"]["q"]["kernel"].shape
+        np.testing.assert_array_equal(kernel[1], model.params["layers"]["q"]["kernel"][1])
+        np.testing.assert_array_equal(kernel[0], 0.0)
 
 
 def _write_reference_folder(family, folder):

@@ -40,6 +40,14 @@ def gpt2_full():
         return LMFunctions(model), model.params
 
 
+@pytest.fixture(scope="module")
+def qwen2_full():
+    """Full parameters of a decoder model: stacked kernels [L, d_in, d_out], q/k/v biases."""
+    with jax.enable_x64(True):
+        model = load_model("tiny-qwen2", dtype=jnp.float64)
+        return LMFunctions(model), model.params
+
+
 def _batch(b, t, seed, prompt=3):
     """Random tokens, ragged right padding, the first `prompt` tokens of each row are not targets."""
     rng = np.random.default_rng(seed)
@@ -96,7 +104,7 @@ def _eigenbasis(f, j):
     return np.kron(f.a_eig[j][1], f.s_eig[j][1])
 
 
-@pytest.mark.parametrize("which", ["gpt2_full", "llama_lora"])
+@pytest.mark.parametrize("which", ["gpt2_full", "llama_lora", "qwen2_full"])
 def test_kfac_reproduces_exact_fisher_when_input_is_constant(which, request):
     """One input token per example, the same for all 4 examples (different labels): every layer's input a is the
     same for all examples, so A (x) S = (1/N) sum_n a a^T (x) g_n g_n^T is the exact Fisher block; so is EK-FAC."""

@@ -72,11 +72,14 @@ class Layer:
     """A linear layer: where its parameters live in the trainable pytree, and its gradient-matrix shape.
 
     name:    "model/layers/0/self_attn/q_proj" (a module path), or "<adapter path>/A" | "/B" for LoRA.
-    module:  the linen module path whose ``__call__`` computes it (the adapted module for LoRA).
+    module:  the linen module path whose ``__call__`` computes it (the adapted module for LoRA; the projection
+             name, e.g. "q_proj", on jaxinf's decoder).
     kind:    "dense" | "conv1d" (kernel stored [d_out, d_in]) | "lora_a" | "lora_b".
     kernel:  key path of the weight leaf in the trainable pytree; bias: key path of the bias leaf or None.
     d_in, d_out: the layer maps [.., d_in] -> [.., d_out]; its gradient matrix is [rows, d_out],
              rows = d_in + 1 with a bias (the bias gradient is the last row).
+    index, stack: for a kernel stacked over layers ([stack, d_in, d_out], jaxinf's decoder), this layer's slice
+             ``index`` of it; None for a kernel of its own.
     """
 
     name: str
@@ -86,6 +89,8 @@ class Layer:
     bias: Optional[tuple]
     d_in: int
     d_out: int
+    index: Optional[int] = None
+    stack: Optional[int] = None
 
     @property
     def rows(self) -> int:
@@ -102,20 +107,22 @@ class Layer:
     def matrix(self, tree: PyTree) -> jax.Array:
         """The layer's parameters (or a parameter-shaped vector) as one [rows, d_out] matrix."""
         flat = traverse_util.flatten_dict(tree)
-        w = flat[self.kernel]
+        w = flat[self.kernel] if self.index is None else flat[self.kernel][self.index]
         w = w.T if self.transposed else w
         if self.bias is None:
             return w
-        return jnp.concatenate([w, flat[self.bias][None, :].astype(w.dtype)], axis=0)
+        b = flat[self.bias] if self.index is None else flat[self.bias][self.index]
+        return jnp.concatenate([w, b[None, :].astype(w.dtype)], axis=0)
 
     def matrix_batched(self, tree: PyTree) -> jax.Array:
         """As ``matrix`` for a stack of vectors (leaves with a leading axis Q): [Q, rows, d_out]."""
         flat = traverse_util.flatten_dict(tree)
-        w = flat[self.kernel]
+        w = flat[self.kernel] if self.index is None else flat[self.kernel][:, self.index]
         w = jnp.swapaxes(w, 1, 2) if self.transposed else w
         if self.bias is None:
             return w
-        return jnp.concatenate([w, flat[self.bias][:, None, :].astype(w.dtype)], axis=1)
+        b = flat[self.bias] if self.index is None else flat[self.bias][:, self.index]
+        return jnp.concatenate([w, b[:, None, :].astype(w.dtype)], axis=1)
 
     def leaves(self, m: jax.Array) -> dict:
         """{key path: leaf} from a [..., rows, d_out] matrix (inverse of ``matrix`` / ``matrix_batched``)."""
@@ -135,10 +142,19 @@ def restrict(tree: PyTree, layers: Sequence[Layer]) -> PyTree:
 
 def layers_to_tree(layers: Sequence[Layer], matrices: Sequence[jax.Array], like: Optional[PyTree] = None) -> PyTree:
     """Pytree (restricted to ``layers``) from per-layer [..., rows, d_out] matrices; leaves cast to ``like``'s
-    dtypes."""
-    flat = {}
+    dtypes. Slices of a stacked kernel are stacked back on axis -3 ([..., stack, d_in, d_out]), with zeros for
+    the slices of layers not given (so the tree has ``restrict``'s shapes)."""
+    flat, stacked = {}, {}
     for layer, m in zip(layers, matrices):
-        flat.update(layer.leaves(m))
+        for key, leaf in layer.leaves(m).items():
+            if layer.index is None:
+                flat[key] = leaf
+            else:
+                stacked.setdefault(key, (layer.stack, {}))[1][layer.index] = leaf
+    for key, (n, slices) in stacked.items():
+        some = next(iter(slices.values()))
+        axis = -3 if key[-1] == "kernel" else -2  # kernel slices [..., d_in, d_out], bias slices [..., d_out]
+        flat[key] = jnp.stack([slices.get(i, jnp.zeros_like(some)) for i in range(n)], axis=axis)
     if like is not None:
         ref = traverse_util.flatten_dict(like)
         flat = {k: v.astype(ref[k].dtype) for k, v in flat.items()}
@@ -354,9 +370,7 @@ def lm_layers(fns: LMFunctions, trainable: PyTree) -> tuple[Layer, ...]:
     if fns.lora is not None:
         return lora_layers(trainable)
     if _is_decoder(fns):
-        raise ValueError(f"model {fns.model.name!r} runs on jaxinf's own decoder, whose stacked [layers, d_in, d_out] "
-                         "kernels have no per-layer capture yet: use LoRA adapters (LMFunctions(model, LoraConfig())) "
-                         "for K-FAC / EK-FAC / DataInf, or the gradient-only methods for full parameters")
+        return _decoder_layers(fns.model.config, trainable)
     spec = TreeSpec.of(trainable)
     cached = _DISCOVERED.setdefault(fns, {})
     if spec not in cached:
@@ -395,12 +409,55 @@ def capture_with_losses(fns: LMFunctions, trainable: PyTree, batch: dict, layers
     loss = _default_loss() if loss is None else loss
     if _is_decoder(fns):
         if fns.lora is None:
-            lm_layers(fns, trainable)  # raises: full-parameter capture is LoRA-only on the decoder
+            return _decoder_capture(fns, trainable, batch, layers, loss)
         return _decoder_lora_capture(fns, trainable, batch, layers, loss, fns.model.params if base is None else base)
     if fns.lora is None:
         return capture_linen(_lm_run(fns, trainable, batch, loss), layers)
     run = _lm_run(fns, fns.model.params if base is None else base, batch, loss)
     return _capture(run, lambda rec: _lora_capture_interceptor(layers, trainable, fns.lora.scale, rec))
+
+
+def _decoder_layers(config, params: PyTree) -> tuple[Layer, ...]:
+    """Every per-layer projection of jaxinf's decoder whose kernel is in ``params``: one Layer per (layer,
+    projection), a slice of the stacked kernel [L, d_in, d_out] (and bias [L, d_out]), in call order. The
+    embedding, norms and output head are not linear layers of the decoder's helper and are not captured."""
+    from jaxinf.models import decoder
+
+    stack = params.get("layers", {}) if isinstance(params, dict) else {}
+    layers = []
+    for i in range(config.num_layers):
+        for name, key in decoder.PROJECTIONS.items():
+            if key not in stack or "kernel" not in stack[key]:
+                continue
+            _, d_in, d_out = stack[key]["kernel"].shape
+            bias = ("layers", key, "bias") if "bias" in stack[key] else None
+            layers.append(Layer(decoder.module_path(name, i), name, DENSE, ("layers", key, "kernel"), bias,
+                                int(d_in), int(d_out), index=i, stack=config.num_layers))
+    if not layers:
+        raise ValueError("the trainable params hold no projection kernel of the decoder (params['layers'][...]"
+                         "['kernel']): nothing to capture")
+    return tuple(layers)
+
+
+def _decoder_capture(fns: LMFunctions, params: PyTree, batch: dict, layers: Sequence[Layer], loss: LossFn):
+    """Full-parameter capture on jaxinf's decoder: the zero taps of the chosen projections give (x, g) for every
+    layer at once ([L, B, T, d]), and each Layer takes its slice (with the bias column when it has a bias)."""
+    from jaxinf.models import decoder
+
+    config = fns.model.config
+    tracked = tuple(dict.fromkeys(layer.module for layer in layers))
+
+    def losses_of(hidden):
+        return loss(decoder.project(config, params, hidden), batch)
+
+    captured, losses = decoder.capture_projections(config, params, batch["input_ids"], batch["attention_mask"],
+                                                   losses_of, tracked, remat=fns.model.remat)
+    out = {}
+    for layer in layers:
+        x, g = captured[layer.module]
+        a = x[layer.index].astype(g.dtype)
+        out[layer.name] = (_with_bias_column(_as_tokens(a), layer.bias is not None), _as_tokens(g[layer.index]))
+    return out, losses
 
 
 def _decoder_lora_capture(fns: LMFunctions, adapters: dict, batch: dict, layers: Sequence[Layer], loss: LossFn,
