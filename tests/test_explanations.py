@@ -174,6 +174,12 @@ def test_convergence_run_measures_every_checkpoint_and_resumes(tmp_path):
     stamps = {p: os.path.getmtime(os.path.join(wd, p)) for p in ("steps/1.json", "steps/2.json", "ground_truth.npz")}
     assert convergence.run(config, wd) == res
     assert stamps == {p: os.path.getmtime(os.path.join(wd, p)) for p in stamps}
+    # other settings on the same workdir would reuse those records silently: refused in one line, naming them
+    import dataclasses
+
+    for change in ({"methods": ("grad_dot", "ekfac")}, {"ground_truth_queries": 3}):
+        with pytest.raises(ValueError, match=f"other settings.*{next(iter(change))}.*use a new workdir"):
+            convergence.run(dataclasses.replace(config, **change), wd)
 
 
 def test_convergence_config_refuses_unusable_settings():

@@ -37,7 +37,7 @@ from jaxinf.evaluation.metrics import row_spearman
 from jaxinf.explanations import attribution_groups, data_name, relative_damping
 from jaxinf.models import LMFunctions
 from jaxinf.report import figures
-from jaxinf.workdir import load_npz, read_json, write_json, write_npz
+from jaxinf.workdir import guard, load_npz, read_json, write_json, write_npz
 
 # every method but the TracIns, which need the checkpoints of a run rather than one checkpoint's adapters
 METHODS = tuple(m for m in study.METHODS if m not in ("tracin", "tracin_adam"))
@@ -172,6 +172,13 @@ def run(config: ConvergenceConfig, workdir: str) -> dict:
     `workdir`; returns what convergence.json holds."""
     config.validate()
     s = config.study
+    # the per-checkpoint records (steps/<t>.json) and ground_truth.npz are cached by step only: a rerun with other
+    # settings would reuse them silently, so the workdir keeps the settings they were made with
+    guard(os.path.join(workdir, "convergence_config.json"),
+          {"study": s.to_dict(), "epochs": config.epochs, "checkpoints": config.checkpoints,
+           "methods": list(config.methods), "spectrum_rows": config.spectrum_rows,
+           "lanczos_iters": config.lanczos_iters, "ground_truth_queries": config.ground_truth_queries},
+          what="convergence measurements", fix="use a new workdir (the cached checkpoints' records would be reused)")
     mesh = sharding.parse_mesh(s.mesh)
     model = pipeline.load_study_model(s, mesh)
     task = pipeline.load_study_task(s, model)
