@@ -51,12 +51,13 @@ def test_smollm2_config(smollm2):
 
 
 def test_smollm2_matches_hf_flax_path(smollm2):
-    """Our decoder on the GGUF's weights gives the logits of the HF Flax path (`load_model`, which reads the same
-    GGUF through third_party/), on a full and a left-padded row."""
-    from jaxinf.models import load_model
+    """Our decoder on the GGUF's weights gives the logits of transformers' FlaxLlama on the same GGUF read through
+    third_party/ (with jaxinf's RoPE-base and tied-head corrections), on a full and a left-padded row."""
+    from jaxinf.models import registry
+    from third_party.smollm2_gguf import load_smollm2 as load_flax_smollm2
 
     config, params, tokenizer = smollm2
-    model = load_model("smollm2-135m-instruct")
+    model = registry._build("smollm2-flax", *load_flax_smollm2(), dtype=jnp.float32)
     rows = [tokenizer("The capital of France is Paris, and the capital of Italy is").input_ids,
             tokenizer("Gutenberg's press spread across Europe").input_ids]
     T = max(map(len, rows))

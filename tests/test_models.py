@@ -171,19 +171,17 @@ def _nll(model, ids):
 
 
 def test_smollm2_loads_with_tied_head_and_its_rope_base():
-    """Real weights: English NLL far below a random model's (ln V = 10.8), and the correct RoPE base
-    (100000) beats HF's hard-coded 10000 (measured 2.49 vs 2.65). A wrong tie or base fails here."""
+    """Real weights on jaxinf's decoder: English NLL far below a random model's (ln V = 10.8), and the correct
+    RoPE base (100000) beats HF Flax's hard-coded 10000 (measured 2.49 vs 2.65). A wrong tie or base fails here."""
+    import dataclasses
+
     model = load_model("smollm2-135m-instruct")
-    params = model.params
-    np.testing.assert_array_equal(params["lm_head"]["kernel"], params["model"]["embed_tokens"]["embedding"].T)
+    assert model.config.tied_embeddings and "lm_head" not in model.params  # the head is the embedding
     ids = model.tokenizer(PARAGRAPH)["input_ids"]
     nll = _nll(model, ids)
     assert model.config.rope_theta == 100000.0
-    model.config.rope_theta = 10000.0
-    try:
-        nll_wrong_base = _nll(model, ids)
-    finally:
-        model.config.rope_theta = 100000.0
+    wrong = dataclasses.replace(model, config=dataclasses.replace(model.config, rope_theta=10000.0))
+    nll_wrong_base = _nll(wrong, ids)
     assert nll < 2.6 and nll < nll_wrong_base - 0.08, (nll, nll_wrong_base)
     # The default system prompt makes the question long enough that the RoPE base decides the answer.
     text = model.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

@@ -75,6 +75,7 @@ def test_empty_training_split_is_a_clear_error():
         training.TrainConfig(steps=1).validate(0)
 
 
+@pytest.mark.slow  # three binary runs (about a minute); the in-process resume is checked above in the default job
 def test_finetune_binary_resumes_to_the_same_last_log_line(tmp_path):
     """The CLI: 20 steps with checkpoints every 5; a run stopped at 10 and re-run ends on the same line."""
     def run(workdir, *extra):

