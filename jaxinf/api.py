@@ -113,9 +113,6 @@ def explain(workdir: str, queries: Sequence[dict], *, methods: Sequence[str] = (
     if not queries:
         raise ValueError("no queries: pass at least one {'prompt': ..., 'response': ...}")
     settings = read_settings(workdir) if settings is None else dict(DEFAULT_SETTINGS, **settings)
-    os.makedirs(workdir, exist_ok=True)
-    if not os.path.exists(os.path.join(workdir, SETTINGS)):
-        recipes.write_json(os.path.join(workdir, SETTINGS), settings)
     with stage("load model and data"):
         model = pipeline.load_study_model(config_of(settings))
     queries = [dict(q) for q in queries]

@@ -161,6 +161,10 @@ def define_study_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("mesh", c.mesh, "device mesh for the heavy stages, e.g. data=8 or data=2,model=4 "
                         "(jaxinf.sharding): rows split over data, frozen base weights FSDP-sharded over model; the "
                         "axis sizes must multiply to the device count; the same numbers as one device", **fv)
+    flags.DEFINE_enum("remat", c.remat, ["none", "layer", "dots"], "rematerialisation of the decoder's layers in "
+                      "every backward pass (models on jaxinf's decoder): none; layer (keep each layer's input, "
+                      "recompute the rest: least memory); dots (keep matmul outputs). Same maths, less memory, "
+                      "more compute", **fv)
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "base weights and activations (default float32); "
                       "LoRA adapters, their updates, gradients, K-FAC factors and scores stay float32", **fv)
     flags.DEFINE_list("ground_truth", list(gt.kinds), f"counterfactual ground truths from {list(KINDS)} (empty: "

@@ -33,6 +33,7 @@ from jaxinf import attribution, health, recipes, report, sharding, study, traini
 from jaxinf.evaluation import evaluate
 from jaxinf.groundtruth import study as gt_study
 from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
+from jaxinf.models.causal_lm import DecoderLM
 from jaxinf.progress import Stage, log
 from jaxinf.report import tables
 from jaxinf.workdir import guard, write_npz
@@ -137,6 +138,7 @@ class StudyConfig:
     damping_scope: str = "global"
     curvature: str = "fisher"
     mesh: Optional[str] = None
+    remat: str = "none"
     ground_truth: GroundTruthSettings = GroundTruthSettings()
     report: ReportConfig = ReportConfig()
 
@@ -175,6 +177,8 @@ class StudyConfig:
         unknown = [k for k in self.ground_truth.kinds if k not in gt_study.KINDS]
         if unknown:
             raise ValueError(f"ground_truth: unknown {unknown}; choose from {list(gt_study.KINDS)}")
+        if self.remat not in ("none", "layer", "dots"):
+            raise ValueError(f"remat={self.remat!r}: choose none, layer or dots")
         self.data.validate()
         sharding.parse_mesh(self.mesh)
         return self
@@ -202,7 +206,7 @@ def _from_dict(cls, d: dict, where: str):
 FLAG_FIELDS = {
     "model": ("model",), "preset": ("preset",), "seed": ("seed",), "epochs": ("epochs",), "dtype": ("dtype",),
     "methods": ("methods",), "lissa_depth": ("lissa_depth",), "repsim_pooling": ("repsim_pooling",),
-    "damping": ("damping",), "damping_scope": ("damping_scope",), "curvature": ("curvature",), "mesh": ("mesh",),
+    "damping": ("damping",), "damping_scope": ("damping_scope",), "curvature": ("curvature",), "mesh": ("mesh",), "remat": ("remat",),
     "data": ("data", "source"), **{k: ("data", k) for k in (
         "test_data", "test_fraction", "allow_overlap", "prompt_column", "response_column", "group_column",
         "template", "max_length", "loss_on", "limit_train", "limit_test")},
@@ -320,9 +324,14 @@ def task_config(config: StudyConfig) -> recipes.TaskConfig:
 
 
 def load_study_model(config: StudyConfig, mesh=None):
-    """The study's model in its dtype; with a mesh, its frozen weights FSDP-sharded once."""
+    """The study's model in its dtype and remat policy; with a mesh, its frozen weights FSDP-sharded once."""
     model = load_model(config.model, seed=config.seed,
                        dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)
+    if config.remat != "none":
+        if not isinstance(model, DecoderLM):
+            raise ValueError(f"remat={config.remat!r} needs a model on jaxinf's decoder; {model.name!r} runs on "
+                             "transformers' Flax classes: use remat=none")
+        model = dataclasses.replace(model, remat=config.remat)
     if mesh is not None:
         model = dataclasses.replace(model, params=sharding.shard_params(model.params, mesh))
     return model
@@ -385,6 +394,8 @@ def prepare(config: StudyConfig, workdir: str, *, test_gradients: bool = True, m
     already loaded model. `epochs`, `checkpoints`: see `finetune`.
     """
     config.validate()
+    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir, workdir_settings(config))  # every cached stage below is keyed by these settings
     preset = config.sizes
     mesh = sharding.parse_mesh(config.mesh)
     model = model or load_study_model(config, mesh)
@@ -472,8 +483,6 @@ def run_study(config: StudyConfig, workdir: str) -> StudyResult:
     config.validate()
     preset = config.sizes
     dampings = list(config.damping) or [float(preset.damping)]
-    os.makedirs(workdir, exist_ok=True)
-    check_workdir(workdir, workdir_settings(config))
     prepared = prepare(config, workdir)
     task, inputs, ft_dir = prepared.task, prepared.inputs, os.path.join(workdir, "finetune")
     final = prepared.log[-1] if prepared.log else {}

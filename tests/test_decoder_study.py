@@ -168,9 +168,10 @@ def test_the_study_runs_on_the_decoder(tmp_path, name):
     from jaxinf import api
 
     methods = ("grad_dot", "datainf", "exact", "cg", "lanczos", "kfac", "ekfac", "repsim")
+    # every stage's backward pass (fine-tuning, gradients, capture, the trajectory adjoint) under per-layer remat
     run = api.run_study(str(tmp_path / name), model=name, data="backdoor", limit_train=12, limit_test=4, epochs=2,
                         methods=",".join(methods), report_queries=1, bootstrap=20, ground_truth="trajectory",
-                        gt_queries=2)
+                        gt_queries=2, remat="layer")
     results = run.results
     assert results["model"] == name if "model" in results else True
     assert sorted(results["methods"]) == sorted(methods)
@@ -179,3 +180,14 @@ def test_the_study_runs_on_the_decoder(tmp_path, name):
         assert results["methods"][m]["vs_exact"]["spearman"] > 0.99, (m, results["methods"][m]["vs_exact"])
     assert "trajectory" in results["ground_truth"]
     assert os.path.exists(tmp_path / name / "report.html")
+
+
+def test_remat_reaches_the_decoder_and_is_refused_for_flax_models():
+    from jaxinf import pipeline
+
+    model = pipeline.load_study_model(pipeline.StudyConfig(model="tiny-qwen2", remat="dots"))
+    assert isinstance(model, DecoderLM) and model.remat == "dots"
+    with pytest.raises(ValueError, match="remat='layer' needs a model on jaxinf's decoder"):
+        pipeline.load_study_model(pipeline.StudyConfig(model="tiny-llama", remat="layer"))
+    with pytest.raises(ValueError, match="remat='all': choose none, layer or dots"):
+        pipeline.StudyConfig(model="tiny-qwen2", remat="all").validate()

@@ -137,3 +137,7 @@ def test_explain_on_a_study_workdir_made_with_test_fraction_and_another_template
     n_train = study.results["n_train"]
     assert len(out.explanations[0]["methods"]["grad_dot"]["top"]) == 2 and n_train == 15
     assert out.explanations[0]["query"]["tokens"][0] != "<|im_start|>"  # the plain template, not chat
+    # settings other than the workdir's would reuse its fine-tuning and gradients silently: refused in one line
+    with pytest.raises(ValueError, match=r"other settings \{'template': \('plain', 'inst'\)\}"):
+        api.explain(workdir, [{"prompt": "x", "response": "y"}], methods=["grad_dot"], per_token=False,
+                    settings=dict(settings, template="inst"))
