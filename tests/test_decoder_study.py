@@ -173,7 +173,7 @@ def test_the_study_runs_on_the_decoder(tmp_path, name):
                         methods=",".join(methods), report_queries=1, bootstrap=20, ground_truth="trajectory",
                         gt_queries=2, remat="layer")
     results = run.results
-    assert results["model"] == name if "model" in results else True
+    assert results["model"] == name and results["n_train"] == 12
     assert sorted(results["methods"]) == sorted(methods)
     assert all("error" not in d for d in results["methods"].values()), results["methods"]
     for m in ("cg", "lanczos"):

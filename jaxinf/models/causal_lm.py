@@ -1,4 +1,5 @@
-"""One small interface over Hugging Face Flax causal LMs (transformers 4.57.6).
+"""One small interface over the two model runtimes: `CausalLM` (Hugging Face Flax classes, transformers 4.57.6) and
+`DecoderLM` (jaxinf's own scanned decoder, `jaxinf.models.decoder`; at the end of this file).
 
 `CausalLM` bundles a linen module, its frozen parameters, config and tokenizer. `CausalLM.apply` is a pure
 function of `(params, input_ids, attention_mask)` that returns logits (and optionally the last hidden state).
