@@ -9,6 +9,18 @@ a wrong shape is an error that names it.
 
 `load_safetensors_folder(path)` reads config.json and model.safetensors (or a sharded
 model.safetensors.index.json) with the `safetensors` package into numpy; `load_decoder(path)` does both steps.
+
+The other way, `state_from_params(config, params)` is the exact inverse of `params_from_hf_state`: the state dict
+HF's ``save_pretrained`` writes for the causal LM class of the family, in float32 numpy. Llama-like families
+(llama, mistral, qwen2, qwen3, gemma2, gemma3_text) are ``model.embed_tokens.weight``, ``model.norm.weight``,
+``model.layers.<i>.{input_layernorm, self_attn.{q,k,v,o}_proj, self_attn.{q,k}_norm, post_attention_layernorm,
+pre_feedforward_layernorm, post_feedforward_layernorm, mlp.{gate,up,down}_proj}.{weight,bias}`` with Linear
+weights [out, in] (the transposed kernels) and ``lm_head.weight`` [V, H] when untied. GPT-2 is
+``transformer.{wte, wpe, ln_f}`` and ``transformer.h.<i>.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
+mlp.c_proj}.{weight,bias}`` with Conv1D weights [in, out] (the kernels as they are) and ``c_attn`` the q, k, v
+kernels side by side [H, 3H]. A tied head is not written (HF leaves it out too). `save_decoder(path, hf_config,
+params)` writes it as a HF folder: config.json and model.safetensors, which `load_decoder` and HF's PyTorch
+``from_pretrained`` both read.
 """
 
 from __future__ import annotations
@@ -146,18 +158,23 @@ def _gpt2(config: dec.DecoderConfig, state: Mapping[str, np.ndarray]) -> dict:
 def params_from_hf_state(config: dec.DecoderConfig, state: Mapping[str, np.ndarray], dtype=None) -> dec.Params:
     """The decoder's params from a HF state dict {name: array}; `dtype` casts (default: keep the stored dtype)."""
     params = _gpt2(config, state) if config.positions == "learned" else _llama_like(config, state)
+    _check_shapes(config, params, "mapped params")
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype) if dtype is not None else jnp.asarray(x), params)
+
+
+def _check_shapes(config: dec.DecoderConfig, params, what: str) -> None:
+    """Error unless `params` has exactly the leaves and shapes of `dec.param_shapes(config)`."""
     expected = dec.param_shapes(config)
     got = jax.tree_util.tree_map(lambda x: tuple(x.shape), params)
     flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=dec._is_shape)[0])
     flat_got = dict(jax.tree_util.tree_flatten_with_path(got, is_leaf=dec._is_shape)[0])
     if flat_expected.keys() != flat_got.keys():
-        raise ValueError(f"mapped params {sorted(map(jax.tree_util.keystr, flat_got))} differ from the config's "
+        raise ValueError(f"{what} {sorted(map(jax.tree_util.keystr, flat_got))} differ from the config's "
                          f"{sorted(map(jax.tree_util.keystr, flat_expected))}")
     for path, shape in flat_expected.items():
         if flat_got[path] != shape:
             raise ValueError(f"parameter {jax.tree_util.keystr(path)} has shape {flat_got[path]}, the config "
                              f"expects {shape}")
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype) if dtype is not None else jnp.asarray(x), params)
 
 
 def load_safetensors_folder(path: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -194,3 +211,73 @@ def load_decoder(path: str, dtype=None) -> tuple[dec.DecoderConfig, dec.Params]:
     hf_config, state = load_safetensors_folder(path)
     config = dec.from_hf_config(hf_config)
     return config, params_from_hf_state(config, state, dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing: the inverse of params_from_hf_state
+
+# (HF name under model.layers.<i>., params key under "layers"); gemma's mlp_norm / post-norms are set below
+_LLAMA_NORMS = (("input_layernorm", "attn_norm"), ("self_attn.q_norm", "q_norm"), ("self_attn.k_norm", "k_norm"))
+_LLAMA_LINEARS = (("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v"),
+                  ("self_attn.o_proj", "o"), ("mlp.gate_proj", "gate"), ("mlp.up_proj", "up"),
+                  ("mlp.down_proj", "down"))
+
+
+def state_from_params(config: dec.DecoderConfig, params: dec.Params) -> dict[str, np.ndarray]:
+    """The HF state dict {name: float32 array} of the decoder's params (layout: the module docstring)."""
+    _check_shapes(config, params, "params")
+    c = config
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+    layers = p["layers"]
+    state: dict[str, np.ndarray] = {}
+
+    def per_layer(name: str, stacked: np.ndarray, transpose: bool = False) -> None:
+        for i in range(c.num_layers):
+            state[name.format(i)] = stacked[i].T if transpose else stacked[i]
+
+    if c.positions == "learned":  # GPT-2: Conv1D weights [in, out], c_attn = [q | k | v]
+        c_attn = {k: np.concatenate([layers[n][k] for n in ("q", "k", "v")], axis=-1) for k in ("kernel", "bias")}
+        modules = {"ln_1": layers["attn_norm"], "attn.c_attn": c_attn, "attn.c_proj": layers["o"],
+                   "ln_2": layers["mlp_norm"], "mlp.c_fc": layers["up"], "mlp.c_proj": layers["down"]}
+        for name, m in modules.items():
+            per_layer(f"transformer.h.{{}}.{name}.weight", m["kernel"] if "kernel" in m else m["scale"])
+            per_layer(f"transformer.h.{{}}.{name}.bias", m["bias"])
+        state.update({"transformer.wte.weight": p["embed"], "transformer.wpe.weight": p["pos_embed"],
+                      "transformer.ln_f.weight": p["final_norm"]["scale"],
+                      "transformer.ln_f.bias": p["final_norm"]["bias"]})
+    else:  # llama-like: torch Linear weights [out, in]
+        norms = list(_LLAMA_NORMS)
+        if c.post_norms:  # Gemma 2/3: post_attention_layernorm is a post-norm
+            norms += [("pre_feedforward_layernorm", "mlp_norm"), ("post_attention_layernorm", "post_attn_norm"),
+                      ("post_feedforward_layernorm", "post_mlp_norm")]
+        else:
+            norms.append(("post_attention_layernorm", "mlp_norm"))
+        for name, key in norms:
+            if key in layers:
+                per_layer(f"model.layers.{{}}.{name}.weight", layers[key]["scale"])
+        for name, key in _LLAMA_LINEARS:
+            if key in layers:
+                per_layer(f"model.layers.{{}}.{name}.weight", layers[key]["kernel"], transpose=True)
+                if "bias" in layers[key]:
+                    per_layer(f"model.layers.{{}}.{name}.bias", layers[key]["bias"])
+        state.update({"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]["scale"]})
+    if not c.tied_embeddings:
+        state["lm_head.weight"] = p["lm_head"]["kernel"].T
+    return {k: np.ascontiguousarray(v) for k, v in state.items()}
+
+
+def save_decoder(path: str, hf_config: Mapping, params: dec.Params) -> None:
+    """Write a HF model folder: `hf_config` as config.json, the params as model.safetensors (float32).
+
+    The config is the one the params belong to (`dec.from_hf_config(hf_config)`), so `load_decoder(path)` gives
+    them back exactly and HF's PyTorch class of the family loads the same weights. No tokenizer is written."""
+    from safetensors.numpy import save_file
+
+    if hf_config.get("model_type") == "gemma3":
+        raise ValueError("save_decoder writes causal LMs: give Gemma 3's text config (model_type 'gemma3_text'), "
+                         "not the multimodal 'gemma3' wrapper")
+    state = state_from_params(dec.from_hf_config(hf_config), params)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(hf_config), f, indent=2)
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
