@@ -15,7 +15,7 @@ from jaxinf import data as jdata
 from jaxinf import training
 from jaxinf.workdir import write_json  # noqa: F401  (recipes.write_json: the one atomic JSON write)
 from jaxinf.models import LMFunctions, LoraConfig, init_adapters
-from jaxinf.models.causal_lm import CausalLM
+from jaxinf.models.causal_lm import DecoderLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Task:
     split_info: dict = dataclasses.field(default_factory=dict)  # jaxinf.data.Splits.info: mode, sizes, overlap
 
 
-def load_task(model: CausalLM, config: TaskConfig) -> Task:
+def load_task(model: DecoderLM, config: TaskConfig) -> Task:
     """Disjoint train/test rows (``jaxinf.data.load_splits``; stratified subsample if limited) tokenised with
     the model's tokenizer. User mistakes raise ``jaxinf.data.DataError`` (one line: file, row, field, fix)."""
     splits = jdata.load_splits(
@@ -74,14 +74,14 @@ def batch_arrays(tokenized) -> dict:
             for k in training.BATCH_KEYS}
 
 
-def initial_adapters(model: CausalLM, lora: LoraConfig, seed: int) -> dict:
+def initial_adapters(model: DecoderLM, lora: LoraConfig, seed: int) -> dict:
     """The adapters a fine-tuning with `seed` starts from (PEFT init, B = 0), in float32 at least."""
     init = init_adapters(jax.random.key(seed), model, lora)
     return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), init)
 
 
 def finetune_lora(
-    model: CausalLM,
+    model: DecoderLM,
     lora: LoraConfig,
     task: Task,
     train_config: training.TrainConfig,

@@ -30,10 +30,9 @@ def _tiny_seed(request):
     if not shift:
         yield
         return
-    original, original_decoder = registry.tiny_model, registry.tiny_decoder
-    registry.tiny_model = lambda name, *, seed=0, **kw: original(name, seed=seed + shift, **kw)
-    registry.tiny_decoder = lambda name, *, seed=0, **kw: original_decoder(name, seed=seed + shift, **kw)
+    original = registry.tiny_decoder
+    registry.tiny_decoder = lambda name, *, seed=0, **kw: original(name, seed=seed + shift, **kw)
     try:
         yield
     finally:
-        registry.tiny_model, registry.tiny_decoder = original, original_decoder
+        registry.tiny_decoder = original

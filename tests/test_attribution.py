@@ -18,7 +18,6 @@ from jaxinf.attribution import (LazyGradients, candidate_scores, flatten_rows, g
 from jaxinf.attribution.gradients import _chunk_grads
 from jaxinf.data import tokenize_rows
 from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model
-from jaxinf.models.lora import lora_interceptor
 
 
 def _close(actual, expected):
@@ -287,12 +286,10 @@ def test_tracin_against_hand_computation_on_two_fake_checkpoints(env, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- RepSim
 def test_repsim_equals_numpy_cosine(env):
-    icpt = (lora_interceptor(env.adapters, env.lora),)
-
     def reps(tok):
         """Hidden states of the padded batch by a direct model call; positions picked in numpy."""
         _, h = env.model.apply(env.model.params, jnp.asarray(tok.input_ids), jnp.asarray(tok.attention_mask),
-                               interceptors=icpt, output_hidden=True)
+                               adapters=env.adapters, lora_scale=env.lora.scale, output_hidden=True)
         h = np.asarray(h)
         end, mean = [], []
         for i in range(len(tok)):

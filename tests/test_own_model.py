@@ -18,8 +18,8 @@ from jaxinf.models import LMFunctions
 @dataclasses.dataclass(frozen=True, eq=False)
 class BigramLM:
     """Not ours: logits of token t from token t alone, through one tanh layer. The contract: name, params,
-    tokenizer, max_length, dtype, and apply(params, input_ids, attention_mask, *, interceptors=(),
-    output_hidden=False) -> logits [B, T, V] (and the last hidden state with output_hidden)."""
+    tokenizer, max_length, dtype, and apply(params, input_ids, attention_mask, *, output_hidden=False) -> logits
+    [B, T, V] (and the last hidden state with output_hidden)."""
 
     name: str
     params: dict
@@ -30,8 +30,7 @@ class BigramLM:
     def dtype(self):
         return self.params["embed"].dtype
 
-    def apply(self, params, input_ids, attention_mask, *, interceptors=(), output_hidden=False):
-        assert not interceptors, "this model has no linen modules to intercept"
+    def apply(self, params, input_ids, attention_mask, *, output_hidden=False):
         h = jnp.tanh(params["embed"][input_ids] @ params["w"])
         logits = h @ params["out"]
         return (logits, h) if output_hidden else logits

@@ -73,8 +73,8 @@ __all__ = [
 
 # K-FAC / EK-FAC: layer capture (jaxinf.curvature.capture.capture) and factors (jaxinf.curvature.kfac).
 from jaxinf.curvature import capture, kfac  # noqa: E402
-from jaxinf.curvature.capture import Layer, capture_linen, discover_layers, lm_layers, restrict  # noqa: E402
+from jaxinf.curvature.capture import Layer, lm_layers, restrict  # noqa: E402
 from jaxinf.curvature.kfac import FitInterrupted, KFACFactors, fit_factors, load_factors, save_factors  # noqa: E402
 
-__all__ += ["FitInterrupted", "KFACFactors", "Layer", "capture", "capture_linen", "discover_layers", "fit_factors",
+__all__ += ["FitInterrupted", "KFACFactors", "Layer", "capture", "fit_factors",
             "kfac", "lm_layers", "load_factors", "restrict", "save_factors"]

@@ -564,15 +564,19 @@ def output_weight(config: DecoderConfig, params: Params) -> tuple[jax.Array, boo
     return params["lm_head"]["kernel"], False
 
 
-def project(config: DecoderConfig, params: Params, hidden: jax.Array) -> jax.Array:
+def project(config: DecoderConfig, params: Params, hidden: jax.Array, tap: jax.Array | None = None) -> jax.Array:
     """Logits [..., V] of final hidden states [..., H] (the output projection and the final soft-cap).
 
+    tap: [..., V], normally zeros, added to hidden @ W before the soft-cap: the gradient with respect to it is
+    the output head's output cotangent (`capture_projections` with "lm_head" tracked).
     With a large vocabulary, project only the positions needed (e.g. ``hidden[:, -1]`` for the next token), or
     use `token_nll_chunked` for the loss: neither builds [B, T, V].
     """
     weight, tied = output_weight(config, params)
     spec = "...h,vh->...v" if tied else "...h,hv->...v"
     logits = jnp.einsum(spec, hidden, weight, preferred_element_type=_wide(hidden.dtype))
+    if tap is not None:
+        logits = logits + tap.astype(logits.dtype)
     if config.final_softcap is not None:
         logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
     return logits
@@ -587,6 +591,7 @@ def project(config: DecoderConfig, params: Params, hidden: jax.Array) -> jax.Arr
 PROJECTIONS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
                "down_proj": "down"}
 _PROJECTION_INDEX = {name: i for i, name in enumerate(PROJECTIONS)}
+HEAD = "lm_head"  # the untied output head, trackable by `capture_projections` (not a per-layer projection)
 _MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
@@ -851,22 +856,38 @@ def capture_projections(config: DecoderConfig, params: Params, input_ids: jax.Ar
     examples), obtained as the gradient of J with respect to zero taps. Rows do not interact, so example b's
     own gradient of a projection's kernel is sum_t a[:, b, t]^T g[:, b, t] (plus sum_t g for a bias), and of its
     adapters see `lora_grads_from_capture`. Pure and jit-able.
+
+    `tracked` may also name HEAD ("lm_head", an untied output head only): then loss_fn is called as
+    loss_fn(hidden, head_tap) and must pass head_tap [B, T, V] to `project(..., tap=head_tap)`; the result
+    holds "lm_head": (hidden [B, T, H], dJ/dlogits [B, T, V]) (no layer axis; logits before the soft-cap).
     """
     tracked = tuple(tracked)
+    head = HEAD in tracked
+    if head and config.tied_embeddings:
+        raise ValueError("capture_projections: the output head is tied to the embedding (not a linear layer of "
+                         "its own), so it cannot be tracked; drop 'lm_head' from tracked")
+    projections = tuple(name for name in tracked if name != HEAD)
     if adapters:
-        check_capture_coverage(config, adapters, tracked)
+        check_capture_coverage(config, adapters, projections)
     B, T = input_ids.shape
     dtype = params["embed"].dtype
 
     def total(taps):
+        taps = dict(taps)
+        head_tap = taps.pop(HEAD, None)
         hidden, recorded = forward_hidden(config, params, input_ids, attention_mask, adapters=adapters,
                                           lora_scale=lora_scale, taps=taps, record=True, remat=remat)
-        losses = loss_fn(hidden)
+        losses = loss_fn(hidden, head_tap) if head else loss_fn(hidden)
         if losses.ndim != 1 or losses.shape[0] != B:
             raise ValueError(f"loss_fn must return per-example losses [{B}], got shape {losses.shape}")
+        if head:
+            recorded = {**recorded, HEAD: hidden}
         return losses.sum(), (losses, recorded)
 
-    g, (losses, a) = jax.grad(total, has_aux=True)(zero_taps(config, B, T, tracked, dtype))
+    taps = zero_taps(config, B, T, projections, dtype)
+    if head:
+        taps[HEAD] = jnp.zeros((B, T, config.vocab_size), _wide(dtype))
+    g, (losses, a) = jax.grad(total, has_aux=True)(taps)
     return {name: (a[name], g[name]) for name in tracked}, losses
 
 

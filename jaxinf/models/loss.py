@@ -20,8 +20,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxinf.models.causal_lm import CausalLM, DecoderLM
-from jaxinf.models.lora import LoraConfig, lora_interceptor
+from jaxinf.models.causal_lm import DecoderLM
+from jaxinf.models.lora import LoraConfig
 
 Batch = dict
 
@@ -53,7 +53,7 @@ class LMFunctions:
     Frozen base weights are closed over. `rng`, when given, turns LoRA dropout on (training only).
     """
 
-    model: CausalLM | DecoderLM
+    model: Any  # a DecoderLM, or any model with the same pure `apply` (full-parameter training only)
     lora: Optional[LoraConfig] = None
 
     def with_base(self, base_params: Any) -> "LMFunctions":
@@ -62,21 +62,15 @@ class LMFunctions:
         (slow to compile, and XLA constant-folds e.g. the transposed 49152 x 576 embedding)."""
         return dataclasses.replace(self, model=dataclasses.replace(self.model, params=base_params))
 
-    def _params_and_interceptors(self, trainable, rng):
-        if self.lora is None:
-            return trainable, ()
-        return self.model.params, (lora_interceptor(trainable, self.lora, rng),)
-
     def _apply(self, trainable, batch, rng, output_hidden):
-        if isinstance(self.model, DecoderLM):
-            if self.lora is None:
-                return self.model.apply(trainable, batch["input_ids"], batch["attention_mask"],
-                                        output_hidden=output_hidden)
-            return self.model.apply(self.model.params, batch["input_ids"], batch["attention_mask"],
-                                    adapters=trainable, lora_scale=self.lora.scale, dropout=self.lora.dropout,
-                                    dropout_rng=rng, output_hidden=output_hidden)
-        params, icpt = self._params_and_interceptors(trainable, rng)
-        return self.model.apply(params, batch["input_ids"], batch["attention_mask"], interceptors=icpt,
+        if self.lora is None:
+            return self.model.apply(trainable, batch["input_ids"], batch["attention_mask"],
+                                    output_hidden=output_hidden)
+        if not isinstance(self.model, DecoderLM):
+            raise ValueError(f"LoRA needs a model on jaxinf's decoder; {type(self.model).__name__} is not one "
+                             "(docs/models.md): use LMFunctions(model) to train every parameter")
+        return self.model.apply(self.model.params, batch["input_ids"], batch["attention_mask"], adapters=trainable,
+                                lora_scale=self.lora.scale, dropout=self.lora.dropout, dropout_rng=rng,
                                 output_hidden=output_hidden)
 
     def logits(self, trainable: Any, batch: Batch, rng: Optional[jax.Array] = None) -> jax.Array:

