@@ -91,13 +91,14 @@ def test_decoder_lora_dropout_is_seeded_and_leaves_the_base_path_alone():
 
 def test_full_parameter_capture_on_the_decoder_slices_the_stacked_kernels():
     """float64, base weights trainable: one Layer per (layer, projection), a slice of the stacked kernel (and
-    bias: Qwen2's q/k/v), whose captured sum_t a_t g_t^T is each row's exact gradient; layers_to_tree puts the
+    bias: Qwen2's q/k/v), plus the untied head, whose captured sum_t a_t g_t^T is each row's exact gradient; layers_to_tree puts the
     slices back where restrict() finds them (zeros for slices not chosen)."""
     with jax.enable_x64(True):
         model = load_model("tiny-qwen2", dtype=jnp.float64)
         fns, batch = LMFunctions(model), _batch(model.tokenizer)
         layers = cap.lm_layers(fns, model.params)
-        assert len(layers) == 7 * model.config.num_layers and layers[0].name == "model/layers/0/self_attn/q_proj"
+        assert len(layers) == 7 * model.config.num_layers + 1 and layers[0].name == "model/layers/0/self_attn/q_proj"
+        assert layers[-1].name == "lm_head" and layers[-1].index is None  # Qwen2's untied head
         assert [l.bias is not None for l in layers[:4]] == [True, True, True, False]  # q/k/v biases, o without
         captured = cap.capture(fns, model.params, batch)
         exact = fns.per_example_grads(model.params, batch)

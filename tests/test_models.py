@@ -236,3 +236,24 @@ def test_transformers_without_torch_by_default(tmp_path):
     assert proc.stdout.split() == ["False", "False"], proc.stdout + proc.stderr[-2000:]
     assert "no model.safetensors (found ['pytorch_model.bin'])" in proc.stderr, proc.stderr[-2000:]
     assert "safe_serialization=True" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name,use_lora", [("tiny-llama", True), ("tiny-gemma2", False)])
+def test_chunked_loss_equals_the_full_logit_loss(name, use_lora):
+    """With `loss_chunk` the per-example loss runs over vocabulary chunks (never [B, T, V] logits): the losses and
+    their gradients equal the full-logit ones in float64 (untied head with LoRA; Gemma 2's tied head and final
+    soft-cap; 261 tokens in chunks of 100, so the last chunk is padded). Small vocabularies keep full logits."""
+    import dataclasses
+
+    with enable_x64(True):
+        model = load_model(name, dtype=jnp.float64)
+        assert model.loss_chunk is None  # 261 tokens
+        lora = LoraConfig(rank=2, alpha=8.0) if use_lora else None
+        trainable = init_adapters(jax.random.key(1), model, lora, b_std=0.3) if use_lora else model.params
+        full = LMFunctions(model, lora)
+        chunked = LMFunctions(dataclasses.replace(model, loss_chunk=100), lora)
+        batch = _batch()
+        np.testing.assert_allclose(chunked.per_example_loss(trainable, batch), full.per_example_loss(trainable, batch),
+                                   rtol=1e-12)
+        chex.assert_trees_all_close(jax.grad(chunked.loss)(trainable, batch), jax.grad(full.loss)(trainable, batch),
+                                    rtol=1e-10, atol=1e-14)

@@ -20,6 +20,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxinf.models import decoder
 from jaxinf.models.causal_lm import DecoderLM
 from jaxinf.models.lora import LoraConfig
 
@@ -80,8 +81,23 @@ class LMFunctions:
         return self._apply(trainable, batch, None, True)
 
     def per_example_loss(self, trainable: Any, batch: Batch, rng: Optional[jax.Array] = None) -> jax.Array:
+        """L_b of the module docstring, [B]; over vocabulary chunks when the model sets `loss_chunk`."""
         chex.assert_equal_shape([batch["input_ids"], batch["loss_mask"]])
-        return masked_mean_nll(self.logits(trainable, batch, rng), batch)
+        chunk = getattr(self.model, "loss_chunk", None)
+        if not chunk:
+            return masked_mean_nll(self.logits(trainable, batch, rng), batch)
+        model = self.model
+        if self.lora is None:
+            params, lora = trainable, {}
+        else:
+            params = model.params
+            lora = dict(adapters=trainable, lora_scale=self.lora.scale, dropout=self.lora.dropout, dropout_rng=rng)
+        hidden = model.hidden(params, batch["input_ids"], batch["attention_mask"], **lora)
+        weight, tied = decoder.output_weight(model.config, params)
+        mask = batch["loss_mask"][:, 1:]
+        nll = decoder.token_nll_chunked(hidden[:, :-1], weight, batch["input_ids"][:, 1:], mask, chunk, tied=tied,
+                                        softcap=model.config.final_softcap)  # position t predicts token t + 1
+        return nll.sum(-1) / jnp.maximum(mask.astype(nll.dtype).sum(-1), 1.0)  # nll is already masked
 
     def loss(self, trainable: Any, batch: Batch, rng: Optional[jax.Array] = None) -> jax.Array:
         """Scalar mean of the per-example losses."""

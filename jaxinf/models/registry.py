@@ -7,6 +7,7 @@ an error that says which local path or package to use.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 
-from jaxinf.models.causal_lm import DecoderLM
+from jaxinf.models.causal_lm import LOSS_CHUNK, DecoderLM
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_NAMES = ("smollm2-135m-instruct", "smollm2")
@@ -104,6 +105,14 @@ def _local_decoder(path: str, dtype) -> DecoderLM:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0, dtype=jnp.float32) -> DecoderLM:
+    """Load a causal LM (see `_load`); a vocabulary above 2 * LOSS_CHUNK tokens gets a chunked training loss."""
+    model = _load(name_or_path, seed=seed, dtype=dtype)
+    if model.config.vocab_size > 2 * LOSS_CHUNK:
+        model = dataclasses.replace(model, loss_chunk=LOSS_CHUNK)
+    return model
+
+
+def _load(name_or_path: str, *, seed: int, dtype) -> DecoderLM:
     """Load a causal LM by tiny-config name, SmolLM2 / Gemma 3 270M alias, or local Hugging Face directory.
 
     Args:
