@@ -549,6 +549,10 @@ class Method:
     gradient Fisher or its K-FAC only; CURVATURES the run's --curvature). directions_fn(inputs) -> (d [M, D],
     info) with d_q the preconditioned query gradient (per-token scores split <d_q, g_n> over tokens); scores_fn
     (inputs) -> (scores [M, N], info) for a method that scores its own way (None: scores = d G^T).
+    unit_train: the score also divides by ||g_n|| (grad_cos), and so does each token's share. checkpoints_fn(inputs)
+    -> [(trainable_c, w_c, P_c or None)] for a method summed over training checkpoints (TracIn): a token's share is
+    sum_c w_c <P_c g_q(theta_c), grad l_nt(theta_c)> (P_c None: no preconditioner). per_token_note: why a method
+    with neither directions nor checkpoints has no per-token split (shown in the report).
     """
 
     name: str
@@ -556,6 +560,9 @@ class Method:
     curvatures: tuple = ()
     directions_fn: Optional[Callable[[StudyInputs], tuple]] = None
     scores_fn: Optional[Callable[[StudyInputs], tuple]] = None
+    unit_train: bool = False
+    checkpoints_fn: Optional[Callable[[StudyInputs], list]] = None
+    per_token_note: str = ""
 
     def directions(self, inputs: StudyInputs) -> Optional[np.ndarray]:
         """d_q [M, D] for inputs.test_grads, or None for a method that is not a gradient inner product."""
@@ -581,9 +588,10 @@ _SOLVERS = {
 
 _REGISTRY = (
     Method("grad_dot", directions_fn=lambda inputs: (_flat(inputs.test_grads), {})),
-    Method("grad_cos", directions_fn=_unit_queries, scores_fn=_cosine),
-    Method("tracin", scores_fn=_tracin),
-    Method("tracin_adam", scores_fn=_tracin_adam),
+    Method("grad_cos", directions_fn=_unit_queries, scores_fn=_cosine, unit_train=True),
+    Method("tracin", scores_fn=_tracin,
+           checkpoints_fn=lambda inputs: [(c, w, None) for c, w in tracin_checkpoints(inputs)]),
+    Method("tracin_adam", scores_fn=_tracin_adam, checkpoints_fn=tracin_adam_checkpoints),
     Method("datainf", damped=True, curvatures=("fisher",),
            directions_fn=_block_directions(lambda d: ihvp.datainf(damping=d, by="leaf"), "datainf")),
     Method("exact_layer", damped=True, curvatures=("fisher",),
@@ -593,7 +601,8 @@ _REGISTRY = (
       for name, make in _SOLVERS.items()),
     Method("kfac", damped=True, curvatures=("fisher",), directions_fn=_kfac_directions("kfac")),
     Method("ekfac", damped=True, curvatures=("fisher",), directions_fn=_kfac_directions("ekfac")),
-    Method("repsim", scores_fn=_repsim),
+    Method("repsim", scores_fn=_repsim,
+           per_token_note="RepSim is a cosine of hidden states, not a gradient inner product: no per-token split"),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _REGISTRY}
 ALL_METHODS = tuple(METHODS)

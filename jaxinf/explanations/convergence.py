@@ -40,7 +40,7 @@ from jaxinf.report import figures
 from jaxinf.workdir import guard, load_npz, read_json, write_json, write_npz
 
 # every method but the TracIns, which need the checkpoints of a run rather than one checkpoint's adapters
-METHODS = tuple(m for m in study.METHODS if m not in ("tracin", "tracin_adam"))
+METHODS = tuple(name for name, m in study.METHODS.items() if m.checkpoints_fn is None)
 
 
 @dataclasses.dataclass(frozen=True)

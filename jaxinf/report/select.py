@@ -8,8 +8,9 @@ contributions of a training row b are
 
 so sum_t s[b, t] = <grad L_b, d_q> = score(q, b) (Grosse et al. 2023). d_q is the method's preconditioned
 query gradient (`study.METHODS[name].directions(inputs)`: P g_q for the iHVP and K-FAC methods, g_q for grad_dot);
-grad_cos divides by ||g_q|| ||g_b||; TracIn sums the contributions over its checkpoints (w_c, g_q(theta_c)).
-RepSim is not a gradient inner product: its rows carry no token contributions.
+grad_cos divides by ||g_q|| ||g_b|| (the record's unit_train); TracIn sums the contributions over its checkpoints
+(w_c, g_q(theta_c), the record's checkpoints_fn). RepSim is not a gradient inner product: its rows carry no token
+contributions (the record's per_token_note says why).
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ import numpy as np
 
 from jaxinf import attribution, study
 from jaxinf.progress import stage
-
-PER_TOKEN_NOTE = {
-    "repsim": "RepSim is a cosine of hidden states, not a gradient inner product: no per-token split",
-}
 
 
 def top_bottom(scores: np.ndarray, k: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -66,15 +63,14 @@ def token_scores(name: str, inputs: study.StudyInputs, directions: Optional[np.n
 
     Each row sums to the method's score (module doc). Runs in the adapters' dtype.
     """
+    method = study.METHODS[name]
     rows = [int(r) for r in rows]
     batch = _batch(inputs.train, rows)
     t = batch["input_ids"].shape[1]
-    if name in ("tracin", "tracin_adam"):
+    if method.checkpoints_fn is not None:
         out = np.zeros((len(rows), t))
         qdata = inputs.test.select(np.array([query]))
-        ckpts = (study.tracin_adam_checkpoints(inputs) if name == "tracin_adam"
-                 else [(c, w, None) for c, w in study.tracin_checkpoints(inputs)])
-        for trainable, w, precond in ckpts:
+        for trainable, w, precond in method.checkpoints_fn(inputs):
             if w == 0.0:
                 continue
             # the study's chunk size: the query is padded to the gradient program TracIn already compiled
@@ -87,7 +83,7 @@ def token_scores(name: str, inputs: study.StudyInputs, directions: Optional[np.n
     else:
         out = np.asarray(attribution.per_token_scores(inputs.fns, inputs.adapters, batch, directions[query]),
                          np.float64)
-        if name == "grad_cos":
+        if method.unit_train:
             g = np.asarray(attribution.flatten_rows(attribution.take_rows(inputs.train_grads, np.array(rows))),
                            np.float64)
             out = out / np.linalg.norm(g, axis=1, keepdims=True)
@@ -159,7 +155,8 @@ def explain(methods: Sequence[str], inputs: study.StudyInputs, *, tokenizer, tra
                 out[i]["methods"][name] = drop_imprecise({
                     "top": entries[:len(top[i])], "bottom": entries[len(top[i]):],
                     "per_token": contrib is not None,
-                    "note": PER_TOKEN_NOTE.get(name, "") if per_token else "per-token contributions not computed",
+                    "note": study.METHODS[name].per_token_note if per_token else
+                            "per-token contributions not computed",
                 })
                 bar.update(1)
     return out
