@@ -167,6 +167,13 @@ def define_study_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       "more compute", **fv)
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "base weights and activations (default float32); "
                       "LoRA adapters, their updates, gradients, K-FAC factors and scores stay float32", **fv)
+    lo = c.lora
+    flags.DEFINE_integer("lora_rank", lo.rank, "LoRA rank r of the fine-tuned adapters", **fv)
+    flags.DEFINE_float("lora_alpha", lo.alpha, "LoRA alpha: the adapters' update is scaled by alpha / r", **fv)
+    flags.DEFINE_list("lora_targets", list(lo.targets), "projections adapted in every layer, by the model's names "
+                      "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)", **fv)
+    flags.DEFINE_float("lora_dropout", lo.dropout, "dropout on the adapters' input (default: the preset's, quick 0, "
+                       "paper 0.1)", **fv)
     flags.DEFINE_list("ground_truth", list(gt.kinds), f"counterfactual ground truths from {list(KINDS)} (empty: "
                       "none); every method's agreement with each (LDS; mean per-query Spearman for the others) goes "
                       "into results and gt_agreement.png", **fv)

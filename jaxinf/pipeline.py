@@ -32,7 +32,7 @@ import numpy as np
 from jaxinf import attribution, health, recipes, report, sharding, study, training
 from jaxinf.evaluation import evaluate
 from jaxinf.groundtruth import study as gt_study
-from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model
+from jaxinf.models import DEFAULT_MODEL, LMFunctions, LoraConfig, load_model, target_shapes
 from jaxinf.models.causal_lm import DecoderLM
 from jaxinf.progress import Stage, log
 from jaxinf.report import tables
@@ -119,11 +119,52 @@ class ReportConfig:
     bootstrap: int = 1000
 
 
+def _as_tuple(value) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v for v in value.split(",") if v)
+    if isinstance(value, (int, float)):
+        return (value,)
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """The fine-tuned LoRA adapters (`jaxinf.models.lora`): rank r of A [d_in, r] and B [r, d_out]; alpha (the
+    update is scaled by alpha / r); targets: the projections adapted in every layer, by the model's names (q_proj,
+    k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; a comma string is split); dropout on the adapter input
+    (None: the preset's lora_dropout)."""
+
+    rank: int = 4
+    alpha: float = 32.0
+    targets: tuple = ("q_proj", "v_proj")
+    dropout: Optional[float] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", _as_tuple(self.targets))
+
+    def validate(self) -> "LoraSettings":
+        """Raise ValueError (one line: the field, its flag and the fix) for adapters no model could have."""
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+            raise ValueError(f"lora.rank={self.rank!r} (--lora_rank) must be an integer >= 1, e.g. 4")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha={self.alpha} (--lora_alpha) must be > 0 (the update is scaled by "
+                             "alpha / rank), e.g. 32")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout={self.dropout} (--lora_dropout) must lie in [0, 1), or None for the "
+                             "preset's")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"lora.targets={list(self.targets)} (--lora_targets) must name distinct projections, "
+                             "e.g. q_proj,v_proj")
+        return self
+
+
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
     """One study run. preset: a name in `study.PRESETS` or a `study.Preset` value (sizes, optimiser, solver budgets;
     `jaxinf.presets.quick(...)` builds one with changes). damping: relative values f (empty = the preset's; several
-    = a sweep in one run)."""
+    = a sweep in one run). lora: the fine-tuned adapters (`LoraSettings`, `lora_config()`)."""
 
     model: str = DEFAULT_MODEL
     data: DataConfig = DataConfig()
@@ -139,6 +180,7 @@ class StudyConfig:
     curvature: str = "fisher"
     mesh: Optional[str] = None
     remat: str = "none"
+    lora: LoraSettings = LoraSettings()
     ground_truth: GroundTruthSettings = GroundTruthSettings()
     report: ReportConfig = ReportConfig()
 
@@ -160,6 +202,12 @@ class StudyConfig:
         name = study.preset_name(self.preset)
         return name if isinstance(name, str) else "custom"
 
+    def lora_config(self) -> LoraConfig:
+        """The LoRA of every fine-tuning of this study (`lora`, dropout None = the preset's lora_dropout)."""
+        lo = self.lora
+        dropout = self.sizes.lora_dropout if lo.dropout is None else lo.dropout
+        return LoraConfig(rank=lo.rank, alpha=lo.alpha, dropout=dropout, targets=lo.targets)
+
     def validate(self) -> "StudyConfig":
         """Raise ValueError (one line: the field and the fix) for a setting no stage could run; returns self."""
         study.resolve_preset(self.preset)
@@ -180,6 +228,7 @@ class StudyConfig:
         if self.remat not in ("none", "layer", "dots"):
             raise ValueError(f"remat={self.remat!r}: choose none, layer or dots")
         self.data.validate()
+        self.lora.validate()
         sharding.parse_mesh(self.mesh)
         return self
 
@@ -207,6 +256,7 @@ FLAG_FIELDS = {
     "model": ("model",), "preset": ("preset",), "seed": ("seed",), "epochs": ("epochs",), "dtype": ("dtype",),
     "methods": ("methods",), "lissa_depth": ("lissa_depth",), "repsim_pooling": ("repsim_pooling",),
     "damping": ("damping",), "damping_scope": ("damping_scope",), "curvature": ("curvature",), "mesh": ("mesh",), "remat": ("remat",),
+    **{f"lora_{k}": ("lora", k) for k in ("rank", "alpha", "targets", "dropout")},
     "data": ("data", "source"), **{k: ("data", k) for k in (
         "test_data", "test_fraction", "allow_overlap", "prompt_column", "response_column", "group_column",
         "template", "max_length", "loss_on", "limit_train", "limit_test")},
@@ -222,16 +272,6 @@ FLAG_FIELDS = {
 }
 
 
-def _as_tuple(value) -> tuple:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return tuple(v for v in value.split(",") if v)
-    if isinstance(value, (int, float)):
-        return (value,)
-    return tuple(value)
-
-
 def config_from_flags(values: dict) -> StudyConfig:
     """A StudyConfig from flag-named values (`FLAG_FIELDS`; None = the field's default). Lists may be given as
     comma strings ("grad_dot,exact"); damping values are parsed as floats."""
@@ -243,7 +283,7 @@ def config_from_flags(values: dict) -> StudyConfig:
         if value is None:
             continue
         path = FLAG_FIELDS[name]
-        if name in ("methods", "ground_truth", "report_methods"):
+        if name in ("methods", "ground_truth", "report_methods", "lora_targets"):
             value = _as_tuple(value)
         elif name == "damping":
             try:
@@ -259,15 +299,23 @@ def config_from_flags(values: dict) -> StudyConfig:
 
 def workdir_settings(config: StudyConfig) -> dict:
     """The settings that key a workdir's fine-tuning, gradients and unkeyed score caches (attribute_config.json).
-    Data options and the dtype appear only away from their defaults, so older workdirs resume; damping, scope and
-    curvature key the score caches instead."""
+    Data options, the dtype and the LoRA settings appear only away from their defaults, so older workdirs resume;
+    damping, scope and curvature key the score caches instead."""
     d = config.data
     settings = {"model": config.model, "data": d.source, "preset": study.preset_name(config.preset), "seed": config.seed,
                 "limit_train": d.limit_train, "limit_test": d.limit_test, "epochs": config.epochs,
                 "loss_on": d.loss_on, "repsim_pooling": config.repsim_pooling, "lissa_depth": config.lissa_depth}
     settings.update(data_options(config))
     settings["dtype"] = None if config.dtype == "float32" else config.dtype
+    settings.update(lora_options(config))
     return settings
+
+
+def lora_options(config: StudyConfig) -> dict:
+    """The fine-tuning's LoRA as flag names (lora_rank, lora_alpha, lora_dropout, lora_targets), each None where it
+    equals the default's (dropout: the preset's), so workdirs made before these settings existed resume."""
+    lora, default = config.lora_config(), dataclasses.replace(config, lora=LoraSettings()).lora_config()
+    return {f"lora_{k}": None if v == getattr(default, k) else v for k, v in dataclasses.asdict(lora).items()}
 
 
 DATA_OPTION_DEFAULTS = {k: getattr(DataConfig(), k) for k in (
@@ -365,7 +413,7 @@ def finetune(config: StudyConfig, model, task, workdir: str, *, epochs: Optional
     """
     preset = config.sizes
     epochs = study_epochs(config, task) if epochs is None else epochs
-    lora = LoraConfig(dropout=preset.lora_dropout)
+    lora = config.lora_config()
     train_config = study.finetune_config(preset, len(task.train_rows), epochs=epochs, checkpoints=checkpoints,
                                          seed=config.seed)
     adapters, train_log = recipes.finetune_lora(
@@ -391,11 +439,12 @@ def prepare(config: StudyConfig, workdir: str, *, test_gradients: bool = True, m
     already loaded model. `epochs`, `checkpoints`: see `finetune`.
     """
     config.validate()
-    os.makedirs(workdir, exist_ok=True)
-    check_workdir(workdir, workdir_settings(config))  # every cached stage below is keyed by these settings
     preset = config.sizes
     mesh = sharding.parse_mesh(config.mesh)
     model = model or load_study_model(config, mesh)
+    target_shapes(model, config.lora_config())  # unknown LoRA targets: the model's projections, before any file
+    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir, workdir_settings(config))  # every cached stage below is keyed by these settings
     task = load_study_task(config, model)
     epochs = study_epochs(config, task) if epochs is None else epochs
     adapters, train_log, train_config, lora = finetune(config, model, task, workdir, epochs=epochs,
@@ -453,7 +502,8 @@ class StudyResult:
 
 
 def load_results(workdir: str) -> StudyResult:
-    """A finished study's result set in `workdir` (results.json, results.csv as numbers, ground_truth.json)."""
+    """A finished study's result set in `workdir` (results.json, results.csv as numbers, ground_truth.json); its
+    config is the StudyConfig that run_study ran (results.json "config"; None for results written before)."""
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     csv_path = os.path.join(workdir, "results.csv")
@@ -463,9 +513,9 @@ def load_results(workdir: str) -> StudyResult:
         with open(os.path.join(workdir, "ground_truth.json")) as f:
             gt = json.load(f)
     rep = os.path.join(workdir, "report.html")
-    config = None
+    config = StudyConfig.from_dict(results["config"]) if "config" in results else None
     damping = results.get("damping", {})
-    one = {"damping": damping.get("relative"), "dir": workdir, "results": results, "rows": rows,
+    one = {"damping": damping.get("fraction"), "dir": workdir, "results": results, "rows": rows,
            "gt_rows": [], "gt_kinds": list(gt.get("ground_truths", {})), "gt_summary": gt.get("ground_truths", {}),
            "curvature": damping.get("curvature"), "damping_scope": damping.get("scope"),
            "report": rep if os.path.exists(rep) else None}
@@ -498,6 +548,7 @@ def run_study(config: StudyConfig, workdir: str) -> StudyResult:
                      "dist_from_init": final.get("dist_from_init"),
                      "health": health.read(ft_dir)},  # loss not falling, vanishing gradient, far from init
         "data_split": task.split_info,  # how train/test were split, sizes, duplicates kept by allow_overlap
+        "config": config.to_dict(),  # the whole StudyConfig (`load_results(...).config`)
     }
     ground_truth = {}  # kind -> ground truth (jaxinf.groundtruth.study.compute) of this run only
     if config.ground_truth.kinds:

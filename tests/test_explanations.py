@@ -195,6 +195,22 @@ def test_convergence_config_refuses_unusable_settings():
             dataclasses.replace(good, **change).validate()
 
 
+def test_convergence_workdirs_made_before_the_lora_setting_compare_their_study_as_equal(tmp_path):
+    """convergence_config.json written before StudyConfig.lora existed has no "lora" in its study: with the default
+    LoRA only the setting that really changed is named (the guard refuses before anything is loaded)."""
+    from jaxinf.explanations import convergence
+
+    config = convergence.ConvergenceConfig(_study(), checkpoints=2)
+    old_study = {k: v for k, v in config.study.to_dict().items() if k != "lora"}
+    stored = {"study": old_study, "epochs": config.epochs, "checkpoints": 3, "methods": list(config.methods),
+              "spectrum_rows": config.spectrum_rows, "lanczos_iters": config.lanczos_iters,
+              "ground_truth_queries": config.ground_truth_queries}
+    with open(tmp_path / "convergence_config.json", "w") as f:
+        json.dump(stored, f)
+    with pytest.raises(ValueError, match=r"other settings \{'checkpoints': \(3, 2\)\}"):
+        convergence.run(config, str(tmp_path))
+
+
 @pytest.mark.slow  # Fisher and GGN references and every solver budget: about 100 s of one core
 def test_ihvp_error_run_reaches_the_reference_and_resumes(tmp_path):
     import dataclasses

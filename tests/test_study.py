@@ -1,7 +1,9 @@
 """The study binary end to end on a tiny model and a built-in task, and its metrics on hand-made scores."""
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ import scipy.linalg
 
 from jaxinf import ihvp, study
 from jaxinf.curvature.cached import gradient_fisher_operator
+from jaxinf.models import LoraConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_METHODS = "grad_dot,grad_cos,tracin,datainf,exact_layer,exact,lissa,cg,arnoldi,lanczos,kfac,ekfac,repsim"
@@ -350,11 +353,14 @@ def test_two_studies_in_one_process_each_get_their_own_ground_truth(tmp_path):
     ground truths only (the binary kept them in a module-level dict that the second run added to)."""
     from jaxinf import api
 
+    from jaxinf import pipeline
+
     common = dict(model="tiny-llama", data="backdoor", limit_train=8, limit_test=2, epochs=1, methods="grad_dot",
                   report_queries=0, bootstrap=20, gt_queries=1)
     first = api.run_study(str(tmp_path / "lds"), ground_truth="lds", gt_subsets=2, **common).results
     second = api.run_study(str(tmp_path / "trajectory"), ground_truth="trajectory", **common).results
-    third = api.run_study(str(tmp_path / "none"), ground_truth="", **common).results
+    lora = dict(lora_rank=2, lora_alpha=4.0, lora_targets="q_proj,k_proj")  # the third run's LoRA reaches training
+    third = api.run_study(str(tmp_path / "none"), ground_truth="", **common, **lora).results
     assert set(first["ground_truth"]) == {"lds"} and set(first["methods"]["grad_dot"]["ground_truth"]) == {"lds"}
     assert set(second["ground_truth"]) == {"trajectory"}
     assert set(second["methods"]["grad_dot"]["ground_truth"]) == {"trajectory"}
@@ -362,6 +368,17 @@ def test_two_studies_in_one_process_each_get_their_own_ground_truth(tmp_path):
     loaded = api.load_results(str(tmp_path / "lds"))  # results.csv parsed back as numbers, as run_study made it
     assert json.dumps(loaded.results) == json.dumps(first) and isinstance(loaded.table[0]["acc"], float)
     assert isinstance(loaded.table[0]["converged"], bool) and loaded.table[0]["method"] == "grad_dot"
+    assert loaded.config == pipeline.config_from_flags(dict(common, ground_truth="lds", gt_subsets=2))
+    assert loaded.sets[0]["damping"] == study.PRESETS["quick"].damping  # the relative value, as run_study's sets
+    assert api.load_results(str(tmp_path / "none")).config == pipeline.config_from_flags(
+        dict(common, ground_truth="", **lora))
+    with open(tmp_path / "none" / "finetune" / "run_config.json") as f:
+        assert json.load(f)["lora"] == {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["q_proj", "k_proj"]}
+    with pytest.raises(ValueError, match=r"other settings .*'lora_rank': \(None, 8\)"):  # a cached fine-tuning
+        api.run_study(str(tmp_path / "lds"), ground_truth="lds", gt_subsets=2, **common, lora_rank=8)
+    with pytest.raises(ValueError, match=r"LoRA targets \['qproj'\] .* its projections are \['q_proj'"):
+        api.run_study(str(tmp_path / "typo"), **common, lora_targets="qproj")
+    assert not os.path.exists(tmp_path / "typo" / "attribute_config.json")  # the fixed rerun is not refused
 
 
 def test_study_config_round_trips_and_refuses_bad_settings():
@@ -383,6 +400,38 @@ def test_study_config_round_trips_and_refuses_bad_settings():
         pipeline.config_from_flags({"damping": "0.1,0.1"}).validate()
     with pytest.raises(ValueError, match="test_fraction=1.5 must lie strictly between 0 and 1"):
         pipeline.config_from_flags({"test_fraction": 1.5}).validate()
+    lora = pipeline.config_from_flags({"lora_rank": 8, "lora_targets": "q_proj,down_proj", "lora_dropout": 0.05})
+    assert lora.lora == pipeline.LoraSettings(rank=8, targets=("q_proj", "down_proj"), dropout=0.05)
+    assert pipeline.StudyConfig.from_dict(lora.to_dict()) == lora
+    assert lora.lora_config() == LoraConfig(rank=8, alpha=32.0, dropout=0.05, targets=("q_proj", "down_proj"))
+    assert pipeline.StudyConfig(preset="paper").lora_config().dropout == 0.1  # dropout None: the preset's
+    for flag, value, message in [("lora_rank", 0, "lora.rank=0 (--lora_rank) must be an integer >= 1"),
+                                 ("lora_alpha", 0.0, "lora.alpha=0.0 (--lora_alpha) must be > 0"),
+                                 ("lora_dropout", 1.0, "lora.dropout=1.0 (--lora_dropout) must lie in [0, 1)"),
+                                 ("lora_targets", "", "lora.targets=[] (--lora_targets) must name distinct")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pipeline.config_from_flags({flag: value}).validate()
+
+
+def test_lora_settings_key_the_workdir_and_older_workdirs_resume(tmp_path):
+    """attribute_config.json names the LoRA only away from its defaults: a workdir written before the LoRA settings
+    existed resumes with the defaults and refuses others; explain reads the LoRA back from the settings."""
+    from jaxinf import api, pipeline
+
+    default = pipeline.StudyConfig(model="tiny-llama")
+    old = {k: v for k, v in pipeline.workdir_settings(default).items() if not k.startswith("lora_")}
+    with open(tmp_path / pipeline.SETTINGS_FILE, "w") as f:
+        json.dump(old, f)
+    pipeline.check_workdir(str(tmp_path), pipeline.workdir_settings(default))
+    same = dataclasses.replace(default, lora=pipeline.LoraSettings(dropout=0.0))  # = the quick preset's dropout
+    pipeline.check_workdir(str(tmp_path), pipeline.workdir_settings(same))
+    # an older finetune/run_config.json recorded LoraConfig(dropout=preset.lora_dropout): the same dict as now
+    assert default.lora_config() == LoraConfig(dropout=study.PRESETS["quick"].lora_dropout)
+    other = dataclasses.replace(default, lora=pipeline.LoraSettings(rank=8, targets=("v_proj",)))
+    with pytest.raises(ValueError, match=r"'lora_rank': \(None, 8\), 'lora_targets': \(None, \['v_proj'\]\)"):
+        pipeline.check_workdir(str(tmp_path), pipeline.workdir_settings(other))
+    settings = json.loads(json.dumps(pipeline.workdir_settings(other)))  # as attribute_config.json holds them
+    assert api.config_of(dict(api.DEFAULT_SETTINGS, **settings)).lora == other.lora
 
 
 def test_the_binarys_data_flag_defaults_are_the_apis():
@@ -391,9 +440,11 @@ def test_the_binarys_data_flag_defaults_are_the_apis():
     from absl import flags
 
     from experiments import attribute  # noqa: F401  (defines the flags)
-    from jaxinf import api
+    from jaxinf import api, pipeline
 
     assert {k: flags.FLAGS[k].default for k in api.DATA_OPTIONS} == api.DATA_OPTIONS
+    lora = {k: flags.FLAGS[k].default for k in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")}
+    assert pipeline.config_from_flags(lora).lora == pipeline.LoraSettings()
 
 
 def test_presets_are_config_values_recorded_by_name_or_fields():

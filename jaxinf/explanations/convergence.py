@@ -174,8 +174,11 @@ def run(config: ConvergenceConfig, workdir: str) -> dict:
     s = config.study
     # the per-checkpoint records (steps/<t>.json) and ground_truth.npz are cached by step only: a rerun with other
     # settings would reuse them silently, so the workdir keeps the settings they were made with
+    study_settings = s.to_dict()
+    if s.lora == pipeline.LoraSettings():  # the default LoRA: absent, as in workdirs made before it was a setting
+        del study_settings["lora"]
     guard(os.path.join(workdir, "convergence_config.json"),
-          {"study": s.to_dict(), "epochs": config.epochs, "checkpoints": config.checkpoints,
+          {"study": study_settings, "epochs": config.epochs, "checkpoints": config.checkpoints,
            "methods": list(config.methods), "spectrum_rows": config.spectrum_rows,
            "lanczos_iters": config.lanczos_iters, "ground_truth_queries": config.ground_truth_queries},
           what="convergence measurements", fix="use a new workdir (the cached checkpoints' records would be reused)")
