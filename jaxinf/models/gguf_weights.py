@@ -215,7 +215,7 @@ def params_from_gguf(reader, config: dec.DecoderConfig, dtype=None) -> dec.Param
     arch = architecture(reader)
     L = config.num_layers
     top: dict[str, np.ndarray] = {}
-    per_layer: dict[tuple[str, str], list] = {}
+    per_layer: dict[tuple[str, str], tuple] = {}
     for t in reader.tensors:
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         expected = tuple(int(s) for s in reversed(t.shape))
@@ -238,17 +238,20 @@ def params_from_gguf(reader, config: dec.DecoderConfig, dtype=None) -> dec.Param
             w = _unpermute(w[:, None], config.num_heads if key == "q" else config.num_kv_heads)[:, 0]
         if leaf == "kernel":
             w = np.ascontiguousarray(w.T)  # torch layout (out, in) -> kernel (in, out)
-        slots = per_layer.setdefault((key, leaf), [None] * L)
-        if i >= L or slots[i] is not None:
-            raise ValueError(f"GGUF tensor {name!r}: layer {i} is out of range or repeated (block_count={L})")
-        slots[i] = w
-    for (key, leaf), slots in per_layer.items():
-        missing = [i for i, w in enumerate(slots) if w is None]
+        # written straight into the stacked [L, ...] array: no per-layer copies kept until a final np.stack
+        stacked, seen = per_layer.setdefault((key, leaf), (np.empty((L,) + w.shape, np.float32), [False] * L))
+        if i >= L or seen[i] or stacked.shape[1:] != w.shape:
+            raise ValueError(f"GGUF tensor {name!r}: layer {i} is out of range, repeated or of another shape than "
+                             f"layer 0's (block_count={L})")
+        stacked[i], seen[i] = w, True
+        del w
+    for (key, leaf), (_, seen) in per_layer.items():
+        missing = [i for i, done in enumerate(seen) if not done]
         if missing:
             raise ValueError(f"GGUF file lacks {key}.{leaf} for layers {missing}")
     layers: dict[str, dict] = {}
-    for (key, leaf), slots in per_layer.items():
-        layers.setdefault(key, {})[leaf] = np.stack(slots)
+    for (key, leaf), (stacked, _) in per_layer.items():
+        layers.setdefault(key, {})[leaf] = stacked
     for name in ("token_embd.weight", "output_norm.weight"):
         if name not in top:
             raise ValueError(f"GGUF file lacks tensor {name!r}")
@@ -259,7 +262,19 @@ def params_from_gguf(reader, config: dec.DecoderConfig, dtype=None) -> dec.Param
             raise ValueError("GGUF file lacks tensor 'output.weight' (the config says the embeddings are untied)")
         params["lm_head"] = {"kernel": np.ascontiguousarray(top["output.weight"].T)}
     _check_shapes(config, params)
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype) if dtype is not None else jnp.asarray(x), params)
+    del top, per_layer, layers
+    return _to_jax_in_place(params, dtype)
+
+
+def _to_jax_in_place(tree: dict, dtype) -> dict:
+    """numpy leaves -> jax arrays, one at a time, each numpy array released as soon as it is copied (so the
+    weights are held twice only one tensor at a time, not whole)."""
+    for key in list(tree):
+        if isinstance(tree[key], dict):
+            _to_jax_in_place(tree[key], dtype)
+        else:
+            tree[key] = jnp.asarray(tree[key], dtype) if dtype is not None else jnp.asarray(tree[key])
+    return tree
 
 
 def _check_shapes(config: dec.DecoderConfig, params) -> None:
