@@ -45,6 +45,8 @@ flags.DEFINE_float("epochs", None, "override the preset's epochs")
 flags.DEFINE_integer("sample_ms", 5, "RSS sampling period")
 flags.DEFINE_string("workdir", None, "stage outputs (default: a temporary directory, removed at the end)")
 flags.DEFINE_integer("seed", 0, "seed")
+flags.DEFINE_enum("remat", "none", ["none", "layer", "dots"], "rematerialisation of the decoder's layers "
+                  "(as experiments.attribute)")
 flags.DEFINE_string("out", "results/bench_memory.json", "JSON results (keyed by model/preset/sizes)")
 
 MIB = 2.0 ** 20
@@ -150,13 +152,14 @@ def main(argv):
             with cli.user_errors():
                 info = run(config, workdir, mem)
     peak = max(s["peak_rss_mib"] for s in mem.stages)
-    result = dict(info, data=FLAGS.data, preset=FLAGS.preset, platform=jax.devices()[0].platform,
+    result = dict(info, data=FLAGS.data, preset=FLAGS.preset, remat=config.remat, platform=jax.devices()[0].platform,
                   rss_after_imports_mib=baseline, peak_rss_mib=peak,
                   peak_above_weights_mib=peak - info["model_weights_mib"],
                   peak_above_imports_and_weights_mib=peak - baseline - info["model_weights_mib"],
                   worst_stage=max(mem.stages, key=lambda s: s["peak_rss_mib"])["stage"], stages=mem.stages)
     existing = read_json(FLAGS.out) if os.path.exists(FLAGS.out) else {}
-    existing[f"{result['model']}/{FLAGS.data}/{FLAGS.preset}/{info['n_train']}x{info['n_test']}"] = result
+    remat = "" if config.remat == "none" else f"/remat={config.remat}"
+    existing[f"{result['model']}/{FLAGS.data}/{FLAGS.preset}/{info['n_train']}x{info['n_test']}{remat}"] = result
     write_json(FLAGS.out, existing)
     os.remove(partial)
     print(f"peak {peak:.0f} MiB = imports {baseline:.0f} + weights {info['model_weights_mib']:.0f} + "

@@ -134,8 +134,9 @@ def define_study_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
     c, fv = StudyConfig(), dict(flag_values=flag_values)
     gt, rep = c.ground_truth, c.report
-    flags.DEFINE_string("model", c.model, "smollm2-135m-instruct | tiny-llama | tiny-mistral | tiny-gpt2 | local "
-                        "HF dir", **fv)
+    flags.DEFINE_string("model", c.model, "smollm2-135m-instruct | gemma3-270m | tiny-llama | tiny-llama3 | "
+                        "tiny-mistral | tiny-qwen2 | tiny-qwen3 | tiny-gemma2 | tiny-gemma3 | tiny-gpt2 | a local "
+                        "HF folder", **fv)
     flags.DEFINE_list("methods", list(c.methods), f"comma list from {list(study.ALL_METHODS)}", **fv)
     flags.DEFINE_enum("preset", c.preset, list(study.PRESETS), "quick: 2-core CPU sizes; paper: the study's "
                       "settings", **fv)
