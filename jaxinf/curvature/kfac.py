@@ -56,6 +56,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import jax
@@ -82,21 +83,29 @@ class FitInterrupted(RuntimeError):
 class KFACFactors:
     """Fitted per-layer factors (numpy float64), in ``layers`` order.
 
-    a_cov / s_cov: A [rows, rows] and S [d_out, d_out] (normalisation above); a_eig / s_eig: (eigenvalues
-    ascending, eigenvectors as columns); corrected: EK-FAC eigenvalues [rows, d_out] per layer, or None when the
-    correction pass was not run. num_examples counts label draws (N * num_samples); num_tokens real tokens.
+    a_eig / s_eig: (eigenvalues ascending, eigenvectors as columns) of A [rows, rows] and S [d_out, d_out]
+    (normalisation above); corrected: EK-FAC eigenvalues [rows, d_out] per layer, or None when the correction pass
+    was not run. num_examples counts label draws (N * num_samples); num_tokens real tokens. Only the eigenpairs
+    are kept (half the memory of keeping the covariances beside them): `a_cov` / `s_cov` rebuild A and S as
+    Q diag(lambda) Q^T, equal to the accumulated covariances to float64 rounding.
     """
 
     layers: tuple
     fisher: str
     num_examples: int
     num_tokens: int
-    a_cov: list
-    s_cov: list
     a_eig: list
     s_eig: list
     corrected: Optional[list]
     param_dtype: str
+
+    @property
+    def a_cov(self) -> list:
+        return [(q * w) @ q.T for w, q in self.a_eig]
+
+    @property
+    def s_cov(self) -> list:
+        return [(q * w) @ q.T for w, q in self.s_eig]
 
     def kfac_eigenvalues(self, i: int) -> np.ndarray:
         """Lambda = lambda_A lambda_S^T for layer i ([rows, d_out])."""
@@ -310,6 +319,22 @@ def _as_batch(batch: dict) -> dict:
     return {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
 
 
+def _warn_uncovered(trainable: PyTree, layers) -> None:
+    """Say which trainable leaves no fitted layer covers (a full-parameter fit leaves out the embedding and the
+    norms, which are not linear layers): their gradients take no part in K-FAC / EK-FAC scores."""
+    from flax import traverse_util
+
+    covered = {k for layer in layers for k in (layer.kernel, layer.bias) if k is not None}
+    flat = traverse_util.flatten_dict(trainable) if isinstance(trainable, dict) else {}
+    left = ["/".join(map(str, k)) for k in flat if k not in covered]
+    if left:
+        size = sum(int(np.size(flat[k])) for k in flat if k not in covered)
+        total = sum(int(np.size(v)) for v in flat.values())
+        warnings.warn(f"K-FAC covers {len(flat) - len(left)} of {len(flat)} trainable leaves; {left[:4]}"
+                      f"{' ...' if len(left) > 4 else ''} ({size:,} of {total:,} parameters) are not linear layers "
+                      "and take no part in K-FAC / EK-FAC preconditioning or scores", stacklevel=3)
+
+
 def fit_factors(
     fns: LMFunctions,
     trainable: PyTree,
@@ -354,6 +379,8 @@ def fit_factors(
         num_samples = 1
     if not batches:
         raise ValueError("fit_factors needs at least one batch")
+    if layers is None:
+        _warn_uncovered(trainable, lm_layers(fns, trainable))
     layers = select_layers(lm_layers(fns, trainable), layers)
     key = jax.random.key(0) if key is None else key
     store = _Store(directory, _fingerprint(layers, fisher, num_samples, key, batches, trainable) if directory
@@ -397,7 +424,8 @@ def fit_factors(
             s_cov = np.asarray(s_sum, np.float64) / num_examples
             la, qa = _eigh(a_cov, eigh_on_device)
             ls, qs = _eigh(s_cov, eigh_on_device)
-            eig.update({f"A{j}": a_cov, f"S{j}": s_cov, f"la{j}": la, f"qa{j}": qa, f"ls{j}": ls, f"qs{j}": qs})
+            eig.update({f"la{j}": la, f"qa{j}": qa, f"ls{j}": ls, f"qs{j}": qs})
+        del sums, a_cov, s_cov
         eig["num_tokens"], eig["num_examples"] = np.asarray(num_tokens), np.asarray(num_examples)
         store.save("eigen", eig)
         timings["eigendecomposition_s"] = time.perf_counter() - clock
@@ -428,8 +456,6 @@ def _factors_from_arrays(arrays: dict, layers, fisher, param_dtype) -> KFACFacto
         fisher=fisher,
         num_examples=int(arrays["num_examples"]),
         num_tokens=int(arrays["num_tokens"]),
-        a_cov=[arrays[f"A{j}"] for j in range(n)],
-        s_cov=[arrays[f"S{j}"] for j in range(n)],
         a_eig=[(arrays[f"la{j}"], arrays[f"qa{j}"]) for j in range(n)],
         s_eig=[(arrays[f"ls{j}"], arrays[f"qs{j}"]) for j in range(n)],
         corrected=[arrays[f"L{j}"] for j in range(n)] if corrected else None,
@@ -443,7 +469,7 @@ def save_factors(directory: str, factors: KFACFactors) -> None:
     arrays = {"num_examples": np.asarray(factors.num_examples), "num_tokens": np.asarray(factors.num_tokens),
               "corrected": np.asarray(factors.corrected is not None)}
     for j in range(len(factors.layers)):
-        arrays.update({f"A{j}": factors.a_cov[j], f"S{j}": factors.s_cov[j], f"la{j}": factors.a_eig[j][0],
+        arrays.update({f"la{j}": factors.a_eig[j][0],
                        f"qa{j}": factors.a_eig[j][1], f"ls{j}": factors.s_eig[j][0], f"qs{j}": factors.s_eig[j][1]})
         if factors.corrected is not None:
             arrays[f"L{j}"] = factors.corrected[j]
