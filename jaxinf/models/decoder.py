@@ -403,15 +403,19 @@ def position_ids_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 def _norm(config: DecoderConfig, p: Mapping, x: jax.Array) -> jax.Array:
+    """RMSNorm or LayerNorm in float32 (or float64). Divides by sqrt rather than multiplying by lax.rsqrt: on the
+    CPU (jax 0.10.2), vmap of rsqrt's VJP over 32 or more float32 cotangents returns wrong values (relative error
+    ~0.4; `tests/test_decoder.py::test_batched_reverse_mode_equals_one_at_a_time` reproduces it), which broke
+    dense_matrix's 64-column chunks of the GGN on float32 models."""
     wide = _wide(x.dtype)
     xf = x.astype(wide)
     if config.norm == "rms":
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + config.norm_eps)
+        y = xf / jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + config.norm_eps)
         y = y * (config.norm_offset + p["scale"].astype(wide))
     else:
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         centred = xf - mean
-        y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + config.norm_eps)
+        y = centred / jnp.sqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + config.norm_eps)
         y = y * p["scale"].astype(wide) + p["bias"].astype(wide)
     return y.astype(x.dtype)
 
