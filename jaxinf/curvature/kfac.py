@@ -379,9 +379,10 @@ def fit_factors(
         num_samples = 1
     if not batches:
         raise ValueError("fit_factors needs at least one batch")
+    every = lm_layers(fns, trainable)
     if layers is None:
-        _warn_uncovered(trainable, lm_layers(fns, trainable))
-    layers = select_layers(lm_layers(fns, trainable), layers)
+        _warn_uncovered(trainable, every)
+    layers = select_layers(every, layers)
     key = jax.random.key(0) if key is None else key
     store = _Store(directory, _fingerprint(layers, fisher, num_samples, key, batches, trainable) if directory
                    else "")
