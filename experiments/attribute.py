@@ -26,7 +26,7 @@ cli.define_study_flags()
 def main(argv):
     del argv
     start = time.perf_counter()
-    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
+    runtime.setup()  # compilation cache + cheaper CPU compilation (see jaxinf.runtime)
     logging.set_verbosity(logging.WARNING)
     config = cli.study_config_from_flags()
     with cli.user_errors():  # bad data, a workdir made with other settings, a diverged fine-tune: one line

@@ -186,7 +186,7 @@ def part_ihvp_error(args: str, workdir: str) -> dict:
 
 def main(argv):
     del argv
-    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
+    runtime.setup()  # compilation cache + cheaper CPU compilation (see jaxinf.runtime)
     unknown = [p for p in FLAGS.parts if p not in PARTS]
     if unknown:
         raise app.UsageError(f"--parts: unknown {unknown}; choose from {', '.join(PARTS)}")

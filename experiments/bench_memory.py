@@ -141,7 +141,7 @@ def run(config, workdir: str, mem: StageMemory) -> dict:
 
 def main(argv):
     del argv
-    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
+    runtime.setup()  # compilation cache + cheaper CPU compilation (see jaxinf.runtime)
     # --model, --data, --preset, --seed, --epochs, --limit_*, --methods, --ground_truth, --gt_*: one StudyConfig
     config = cli.study_config_from_flags()
     partial = FLAGS.out + ".partial.json"

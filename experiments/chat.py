@@ -18,7 +18,7 @@ flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most")
 
 def main(argv):
     del argv
-    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
+    runtime.setup()  # compilation cache + cheaper CPU compilation (see jaxinf.runtime)
     logging.set_verbosity(logging.WARNING)
     model = load_model(FLAGS.model)
     fns = LMFunctions(model)

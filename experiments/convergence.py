@@ -30,7 +30,7 @@ cli.define_data_flags()
 
 def main(argv):
     del argv
-    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
+    runtime.setup()  # compilation cache + cheaper CPU compilation (see jaxinf.runtime)
     logging.set_verbosity(logging.WARNING)
     study_config = cli.study_config_from_flags()  # --model, --preset, --seed, --damping and the data flags
     with cli.user_errors():  # a bad setting, bad data, a workdir made with other settings: one line

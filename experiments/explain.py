@@ -76,7 +76,7 @@ def _short(text: str, n: int = 90) -> str:
 
 def main(argv):
     del argv
-    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
+    runtime.setup()  # compilation cache + cheaper CPU compilation (see jaxinf.runtime)
     start = time.perf_counter()
     logging.set_verbosity(logging.WARNING)
     unknown = [m for m in FLAGS.methods if m not in study.METHODS]

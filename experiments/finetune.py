@@ -32,7 +32,7 @@ cli.define_data_flags()  # --data, --test_data/--test_fraction, columns, --templ
 
 def main(argv):
     del argv
-    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
+    runtime.setup()  # compilation cache + cheaper CPU compilation (see jaxinf.runtime)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if FLAGS.steps is None and FLAGS.epochs is None:
         FLAGS.epochs = 1.0

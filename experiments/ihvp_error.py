@@ -41,7 +41,7 @@ def _numbers(name, kind, example):
 
 def main(argv):
     del argv
-    runtime.setup()  # persistent compilation cache (JAXINF_COMPILATION_CACHE=0 turns it off)
+    runtime.setup()  # compilation cache + cheaper CPU compilation (see jaxinf.runtime)
     logging.set_verbosity(logging.WARNING)
     study_config = cli.study_config_from_flags()  # --model, --preset, --seed and the data flags
     with cli.user_errors():  # a bad setting, bad data, a workdir made with other settings: one line

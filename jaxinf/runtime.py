@@ -9,6 +9,18 @@ compilation per phase that a cold run pays. `setup()` turns it on for a binary's
     the directory jax was already given           if JAX_COMPILATION_CACHE_DIR or jax.config set one,
     $XDG_CACHE_HOME/jaxinf/jax   (default ~/.cache/jaxinf/jax)  otherwise.
 
+Cheaper XLA compilation on the CPU: `setup()` also appends `CPU_COMPILE_FLAGS` to $XLA_FLAGS when jax runs on the
+CPU only (no GPU/TPU plugin installed, or JAX_PLATFORMS=cpu) and no backend exists yet:
+
+    --xla_cpu_use_fusion_emitters=false     XLA's older loop-fusion code generator, not the MLIR fusion emitters
+    --xla_backend_optimization_level=1      LLVM at -O1 for the elementwise fusions (the default is -O2)
+
+The matrix products run in the same library calls (Eigen / oneDNN) either way, so the step time does not move
+while each program compiles in about 0.4x the time (one LoRA gradient program of SmolLM2's geometry: 1.7 -> 0.65
+s; README command 1: see results/benchmarks.md). Numbers can differ from the default flags in the last bits of
+float32 (other loop code), not more. `$JAXINF_XLA_FLAGS=0` turns this off; a flag already named in $XLA_FLAGS keeps
+the caller's value.
+
 Library code never calls this: importing jaxinf changes no global jax setting.
 
 `provenance(argv)`: what a results file needs to say where it came from (command, git commit, machine).
@@ -16,6 +28,7 @@ Library code never calls this: importing jaxinf changes no global jax setting.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import shlex
@@ -25,6 +38,8 @@ from typing import Optional, Sequence
 import jax
 
 ENV_VAR = "JAXINF_COMPILATION_CACHE"
+FLAGS_ENV_VAR = "JAXINF_XLA_FLAGS"
+CPU_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=1")
 _OFF = ("0", "off", "false", "no", "none", "")
 
 
@@ -42,12 +57,51 @@ def compilation_cache_dir() -> Optional[str]:
     return jax.config.jax_compilation_cache_dir or default_cache_dir()
 
 
+def _cpu_only() -> bool:
+    """Whether jax will run on the CPU alone: JAX_PLATFORMS (or jax.config) says only cpu, or no accelerator
+    plugin (a `jax_plugins` package, libtpu) is installed."""
+    platforms = (jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS") or "").strip().lower()
+    if platforms:
+        return [p.strip() for p in platforms.split(",")] == ["cpu"]
+    return importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None
+
+
+def _backends_started() -> bool:
+    from jax._src import xla_bridge  # no public API says whether the backends exist yet
+
+    return bool(getattr(xla_bridge, "backends_are_initialized", lambda: True)())
+
+
+def add_cpu_compile_flags() -> tuple[str, ...]:
+    """Append `CPU_COMPILE_FLAGS` to $XLA_FLAGS for this process and its children (module docstring); returns the
+    flags added. Adds nothing when $JAXINF_XLA_FLAGS is 0 / off, when jax may use an accelerator, for a flag the
+    caller already set, or once jax's backends exist (XLA reads $XLA_FLAGS when the first backend starts; a
+    warning then says the flags came too late)."""
+    if os.environ.get(FLAGS_ENV_VAR, "1").strip().lower() in _OFF or not _cpu_only():
+        return ()
+    current = os.environ.get("XLA_FLAGS", "")
+    named = {token.split("=", 1)[0] for token in current.split()}
+    missing = tuple(f for f in CPU_COMPILE_FLAGS if f.split("=", 1)[0] not in named)
+    if not missing:
+        return ()
+    if _backends_started():
+        import warnings
+
+        warnings.warn(f"jaxinf.runtime: jax's backend already started, so {' '.join(missing)} cannot take effect: "
+                      "call runtime.setup() before the first jax computation", stacklevel=3)
+        return ()
+    os.environ["XLA_FLAGS"] = " ".join([current, *missing]).strip()
+    return missing
+
+
 def setup(*, min_compile_seconds: float = 0.0) -> Optional[str]:
     """Turn on jax's persistent compilation cache for this process (see the module docstring); returns its dir.
 
     Every program that took at least `min_compile_seconds` to compile is cached (jax's own default, 1 s, would
-    skip the many small programs whose compilation adds up). Call it first thing in a binary's main().
+    skip the many small programs whose compilation adds up). Also adds the cheaper-compilation CPU flags
+    (`add_cpu_compile_flags`). Call it first thing in a binary's main(), before any jax computation.
     """
+    add_cpu_compile_flags()
     path = compilation_cache_dir()
     if path is None:
         return None

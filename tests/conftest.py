@@ -3,6 +3,8 @@
 * Under pytest-xdist each worker gives the binaries it starts in subprocesses a compilation cache of its own
   (``$JAXINF_COMPILATION_CACHE`` = <default cache>/pytest-<worker>), so two workers never write one cache
   directory at once. A cache chosen by the caller (the variable already set) is left alone.
+* The cheaper-compilation CPU flags the binaries use (``jaxinf.runtime.add_cpu_compile_flags``) are set here too,
+  before any test starts jax's backend: the default job is mostly XLA compilation of tiny models.
 * ``--tiny-seed=N`` (an audit, not the default job) shifts every in-process tiny random model's initialisation
   seed by N, to find tests that hold for one draw of random weights only.
 """
@@ -13,6 +15,8 @@ import pytest
 
 from jaxinf import runtime
 from jaxinf.models import registry
+
+runtime.add_cpu_compile_flags()
 
 _worker = os.environ.get("PYTEST_XDIST_WORKER")
 if _worker and runtime.ENV_VAR not in os.environ:
