@@ -19,6 +19,7 @@ from jaxinf.curvature import dense_matrix, ggn_operator
 from jaxinf.groundtruth import (WeightedRun, lds, lds_masks, lds_per_query, loo_scores, pbrf_scores,
                                 rank_agreement, retrain_losses, trajectory_influence)
 from jaxinf.groundtruth import study as gt_study
+from jaxinf.groundtruth import trajectory as trajectory_module
 from jaxinf.models import LMFunctions, LoraConfig, init_adapters, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,8 +224,11 @@ def test_retrain_from_scratch_is_training_train_on_the_kept_rows(setup, tmp_path
         return recipes.initial_adapters(model, lora, seed)
 
     with jax.enable_x64(True):
+        programs = trajectory_module._run_jit._cache_size()
         losses = gt_study.retrain_subsets(run, masks, queries, [1, 5], config_for, init_for,
                                           cache=str(tmp_path / "r.npz"))
+        # the seed enters as an array: both seeds' retrains (and both subsets, of one size) share one program
+        assert trajectory_module._run_jit._cache_size() - programs <= 1
         again = gt_study.retrain_subsets(run, masks, queries, [1, 5], config_for, init_for,
                                          cache=str(tmp_path / "r.npz"))  # all from the cache
         fns = LMFunctions(model, lora)

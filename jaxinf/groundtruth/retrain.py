@@ -36,9 +36,9 @@ from jaxinf.groundtruth.trajectory import WeightedRun, _forward_states, _query_l
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _batched_query_losses(fns, config, total_steps, mesh, base, init, arrays, order, weights, stop, queries):
-    return jax.vmap(lambda w: _query_losses(fns, config, total_steps, mesh, base, init, arrays, order, w, stop,
-                                            queries))(weights)
+def _batched_query_losses(fns, config, total_steps, mesh, base, init, arrays, order, seed, weights, stop, queries):
+    return jax.vmap(lambda w: _query_losses(fns, config, total_steps, mesh, base, init, arrays, order, seed, w,
+                                            stop, queries))(weights)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -69,17 +69,18 @@ def retrain_losses(run: WeightedRun, weights: np.ndarray, queries: dict, *, chun
         done = saved["losses"][:m]
     q = run.place(_queries(queries))
     dtype = run.default_weights().dtype
-    static, (base, init, arrays, order, _, stop) = run._static(), run._dynamic(None)
+    static, (base, init, arrays, order, seed, _, stop) = run._static(), run._dynamic(None)
     out = [done]
     with progress.stage(desc, total=m, initial=done.shape[0], unit="run") as bar:
         for start in range(done.shape[0], m, chunk):
             part = weights[start:start + chunk]
             if chunk == 1:
-                final, _ = _forward_states(*static, base, init, arrays, order, run.place(jnp.asarray(part[0], dtype)))
+                final, _ = _forward_states(*static, base, init, arrays, order, seed,
+                                           run.place(jnp.asarray(part[0], dtype)))
                 losses = np.asarray(_losses_at(static[0], base, final, q), np.float64)[None]
             else:
                 padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)], 0)
-                losses = np.asarray(_batched_query_losses(*static, base, init, arrays, order,
+                losses = np.asarray(_batched_query_losses(*static, base, init, arrays, order, seed,
                                                           run.place(jnp.asarray(padded, dtype)), stop, q),
                                     np.float64)[:len(part)]
             out.append(losses)

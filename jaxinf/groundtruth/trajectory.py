@@ -113,7 +113,8 @@ class WeightedRun:
         return _query_losses(*self._static(), *self._dynamic(weights, steps), queries)
 
     def _static(self):
-        return self.fns, self.config, self.total_steps, self.mesh
+        """Compile-time arguments: the config with seed 0, since the seed enters as an array (`_dynamic`)."""
+        return self.fns, dataclasses.replace(self.config, seed=0), self.total_steps, self.mesh
 
     def _dynamic(self, weights, steps=None):
         """The arguments that enter compiled code as arrays (frozen base weights included: never constants)."""
@@ -122,20 +123,24 @@ class WeightedRun:
         steps = self.total_steps if steps is None else int(steps)
         if not 0 <= steps <= self.total_steps:
             raise ValueError(f"steps={steps} outside 0..{self.total_steps} of this run")
-        init, order, weights = self.place((self.init, jnp.asarray(self.order), weights))
-        return self._base, init, self._arrays, order, weights, jnp.asarray(steps, jnp.int32)
+        if not 0 <= int(self.config.seed) < 2**32:  # it enters compiled code as a uint32 array
+            raise ValueError(f"TrainConfig.seed={self.config.seed} must lie in [0, 2**32) for a replayed run")
+        init, order, seed, weights = self.place((self.init, jnp.asarray(self.order),
+                                                 jnp.asarray(self.config.seed, jnp.uint32), weights))
+        return self._base, init, self._arrays, order, seed, weights, jnp.asarray(steps, jnp.int32)
 
 
-def _run(fns, config, total_steps, mesh, base, init, arrays, order, weights, stop):
+def _run(fns, config, total_steps, mesh, base, init, arrays, order, seed, weights, stop):
     """Adapters after the first `stop` (traced) of `total_steps` steps: later steps are computed but not applied,
-    so every intermediate step shares one compiled program."""
+    so every intermediate step shares one compiled program. `seed` (traced) keys the dropout; `config` is the
+    run's config with seed 0 (`WeightedRun._static`), so runs that differ only in their seed share the program."""
     optimizer = training.make_optimizer(config, total_steps, eps_root=EPS_ROOT)
     step_fn = jax.checkpoint(training.weighted_step(fns, optimizer, config.grad_accum, mesh))
 
     def body(carry, inputs):
         s, idx = inputs
         batch = {k: jnp.take(v, idx, axis=0) for k, v in arrays.items()}
-        new = step_fn(base, *carry, batch, weights[idx], training.step_rng(config.seed, s))[:2]
+        new = step_fn(base, *carry, batch, weights[idx], training.step_rng(seed, s))[:2]
         return jax.tree.map(lambda a, b: jnp.where(s < stop, a, b), new, carry), None
 
     (final, _), _ = jax.lax.scan(body, (init, optimizer.init(init)), (jnp.arange(total_steps), order))
@@ -146,20 +151,20 @@ _run_jit = jax.jit(_run, static_argnums=(0, 1, 2, 3))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _query_losses(fns, config, total_steps, mesh, base, init, arrays, order, weights, stop, queries):
-    final = _run(fns, config, total_steps, mesh, base, init, arrays, order, weights, stop)
+def _query_losses(fns, config, total_steps, mesh, base, init, arrays, order, seed, weights, stop, queries):
+    final = _run(fns, config, total_steps, mesh, base, init, arrays, order, seed, weights, stop)
     return fns.with_base(base).per_example_loss(final, queries)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _query_jacobian(fns, config, total_steps, mesh, base, init, arrays, order, weights, stop, queries):
+def _query_jacobian(fns, config, total_steps, mesh, base, init, arrays, order, seed, weights, stop, queries):
     """d L_q / d w, [Q, N]: one forward scan, Q reverse passes (vmapped)."""
-    return jax.jacrev(lambda w: _query_losses(fns, config, total_steps, mesh, base, init, arrays, order, w, stop,
-                                              queries))(weights)
+    return jax.jacrev(lambda w: _query_losses(fns, config, total_steps, mesh, base, init, arrays, order, seed, w,
+                                              stop, queries))(weights)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _forward_states(fns, config, total_steps, mesh, base, init, arrays, order, weights):
+def _forward_states(fns, config, total_steps, mesh, base, init, arrays, order, seed, weights):
     """(final adapters, states) of the run: states = (theta_s, opt_s, g_s) stacked over s < S (before step s)."""
     optimizer = training.make_optimizer(config, total_steps, eps_root=EPS_ROOT)
     step_fn = training.weighted_step(fns, optimizer, config.grad_accum, mesh)
@@ -169,7 +174,7 @@ def _forward_states(fns, config, total_steps, mesh, base, init, arrays, order, w
         batch = {k: jnp.take(v, idx, axis=0) for k, v in arrays.items()}
         theta, opt = carry
         new_theta, new_opt, _, grads, _ = step_fn(base, theta, opt, batch, weights[idx],
-                                                   training.step_rng(config.seed, s))
+                                                   training.step_rng(seed, s))
         return (new_theta, new_opt), (theta, opt, grads)
 
     (final, _), states = jax.lax.scan(body, (init, optimizer.init(init)), (jnp.arange(total_steps), order))
@@ -189,14 +194,15 @@ def _float_leaves(tree) -> list:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _adjoint_step(fns, config, total_steps, mesh, base, states, arrays, order, weights, s, a_theta, a_opt, a_w):
+def _adjoint_step(fns, config, total_steps, mesh, base, states, arrays, order, seed, weights, s, a_theta, a_opt,
+                  a_w):
     """Adjoints of step s's input from those of its output, for a stack of Q queries (leading axis of a_theta, of
     every leaf of a_opt and of a_w [Q, N]); a_w gains d L_q / d w_n of the rows in step s's slots. The step's state,
     batch and key are taken inside, so a backward step is one dispatch with no host round-trip."""
     theta, opt, grads = jax.tree.map(lambda x: x[s], states)
     idx = order[s]
     batch = {k: jnp.take(v, idx, axis=0) for k, v in arrays.items()}
-    w_batch, rng = weights[idx], training.step_rng(config.seed, s)
+    w_batch, rng = weights[idx], training.step_rng(seed, s)
     optimizer = training.make_optimizer(config, total_steps, eps_root=EPS_ROOT)
     leaves, treedef = jax.tree.flatten(opt)
     inexact = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
@@ -229,7 +235,7 @@ def _query_gradients(fns, base, theta, queries):
 def _adjoint(run: WeightedRun, queries: dict, stop: int, final, states, desc: str) -> np.ndarray:
     """d L_q(theta_stop) / d w [Q, N] by the chain rule backwards from step `stop` (see the module docstring)."""
     fns, config, total, mesh = run._static()
-    base, _, arrays, order, weights, _ = run._dynamic(None)
+    base, _, arrays, order, seed, weights, _ = run._dynamic(None)
     theta = final if stop == total else jax.tree.map(lambda x: x[stop], states[0])
     a_theta = _query_gradients(fns, base, theta, queries)
     q = int(queries["input_ids"].shape[0])
@@ -238,8 +244,8 @@ def _adjoint(run: WeightedRun, queries: dict, stop: int, final, states, desc: st
     a_w = sharding.replicate(jnp.zeros((q, run.n_rows), jax.tree.leaves(a_theta)[0].dtype), mesh)
     with progress.stage(desc, total=stop, unit="step") as bar:
         for s in range(stop - 1, -1, -1):
-            a_theta, a_opt, a_w = _adjoint_step(fns, config, total, mesh, base, states, arrays, order, weights,
-                                                jnp.asarray(s, jnp.int32), a_theta, a_opt, a_w)
+            a_theta, a_opt, a_w = _adjoint_step(fns, config, total, mesh, base, states, arrays, order, seed,
+                                                weights, jnp.asarray(s, jnp.int32), a_theta, a_opt, a_w)
             jax.block_until_ready(a_w)  # the bar counts finished steps, not dispatched ones (jit is asynchronous)
             bar.update(1)
     return np.asarray(a_w, np.float64)
