@@ -104,7 +104,13 @@ def example_order(seed: int, n_rows: int, step: int, batch_size: int) -> np.ndar
 
 
 def _tree_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)
+    """sqrt(sum of squares of every entry), over one concatenated vector: a LoRA tree has 4 leaves per layer, and
+    one reduction per leaf (optax.global_norm) made XLA compile 120 loops per norm for SmolLM2 (1.06 s, against
+    0.04 s for this form)."""
+    leaves = jax.tree.leaves(tree)
+    flat = jnp.concatenate([jnp.ravel(x) for x in leaves]) if len(leaves) > 1 else jnp.ravel(leaves[0])
+    flat = flat.astype(jnp.promote_types(flat.dtype, jnp.float32))  # bfloat16 squares summed in float32
+    return jnp.sqrt(jnp.vdot(flat, flat))
 
 
 def data_order(config: TrainConfig, n_rows: int) -> np.ndarray:
