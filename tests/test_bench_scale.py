@@ -1,6 +1,7 @@
 """The scale benchmarks at toy sizes, so that they cannot rot: the GPU benchmark (experiments.bench_gpu --toy), the
-per-stage memory benchmark on tiny-llama, the cold/warm compilation-cache benchmark, and the kronfluence
-side-by-side (its jaxinf half always; the comparison only where kronfluence and torch are installed)."""
+per-stage memory benchmark on tiny-llama, the cold/warm compilation-cache benchmark, single programs' compilation
+times, and the kronfluence side-by-side (its jaxinf half always; the comparison only where kronfluence and torch
+are installed)."""
 
 import importlib.util
 import json
@@ -84,6 +85,20 @@ def test_bench_compile_cache_tiny(tmp_path):
     (result,) = json.loads(out.read_text()).values()
     assert result["runs"]["off"]["cache_bytes_after"] == 0 and result["cache_mib"] > 0
     assert np.isfinite(result["warm_over_cold"])
+    assert result["runs"]["cold"]["xla_compilations"] > 0 and result["runs"]["cold"]["xla_compile_seconds_logged"] > 0
+
+
+@pytest.mark.slow
+def test_bench_compile_programs_tiny(tmp_path):
+    out = tmp_path / "programs.json"
+    _run(["experiments.bench_compile_programs", "--model=tiny-llama", "--repeats=1", "--seq_len=8",
+          f"--out={out}"], tmp_path)
+    (result,) = json.loads(out.read_text()).values()
+    programs = result["programs"]
+    assert set(programs) == {"lora_gradient", "finetune_step", "tree_norm", "global_norm", "adamw_update",
+                             "adamw_update_flattened"}
+    assert all(p["compile_s_median"] > 0 for p in programs.values())
+    assert programs["finetune_step"]["run_s_median"] > 0
 
 
 _KF_TOY = ["--n_layer=2", "--n_embd=32", "--n_head=4", "--vocab_sizes=128", "--n_train=8", "--n_query=4",
