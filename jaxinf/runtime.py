@@ -15,11 +15,11 @@ CPU only (no GPU/TPU plugin installed, or JAX_PLATFORMS=cpu) and no backend exis
     --xla_cpu_use_fusion_emitters=false     XLA's older loop-fusion code generator, not the MLIR fusion emitters
     --xla_backend_optimization_level=1      LLVM at -O1 for the elementwise fusions (the default is -O2)
 
-The matrix products run in the same library calls (Eigen / oneDNN) either way, so the step time does not move
-while each program compiles in about 0.4x the time (one LoRA gradient program of SmolLM2's geometry: 1.7 -> 0.65
-s; README command 1: see results/benchmarks.md). Numbers can differ from the default flags in the last bits of
-float32 (other loop code), not more. `$JAXINF_XLA_FLAGS=0` turns this off; a flag already named in $XLA_FLAGS keeps
-the caller's value.
+The model's programs compile in 0.4-0.7 of XLA's default time and run no slower (SmolLM2 LoRA gradient: 2.47 ->
+1.00 s; `experiments.bench_compile_programs`), though many tiny per-leaf loops compile slower under the older
+emitter (an optax update over 120 LoRA leaves: 0.34 -> 1.13 s). README command 1: results/benchmarks.md. Numbers
+can differ from the default flags' in the last bits of float32 (other loop code), not more.
+`$JAXINF_XLA_FLAGS=0` turns this off; a flag already named in $XLA_FLAGS keeps the caller's value.
 
 Library code never calls this: importing jaxinf changes no global jax setting.
 
