@@ -17,8 +17,8 @@ CPU only (no GPU/TPU plugin installed, or JAX_PLATFORMS=cpu) and no backend exis
 
 The model's programs compile in 0.4-0.7 of XLA's default time and run no slower (SmolLM2 LoRA gradient: 2.47 ->
 1.00 s; `experiments.bench_compile_programs`), though many tiny per-leaf loops compile slower under the older
-emitter (an optax update over 120 LoRA leaves: 0.34 -> 1.13 s). README command 1: results/benchmarks.md. Numbers
-can differ from the default flags' in the last bits of float32 (other loop code), not more.
+emitter (an optax update over 120 LoRA leaves: 0.34 -> 1.13 s). README command 1: results/benchmarks.md. Results
+can differ from those under the default flags by float32 rounding (other loop code).
 `$JAXINF_XLA_FLAGS=0` turns this off; a flag already named in $XLA_FLAGS keeps the caller's value.
 
 Library code never calls this: importing jaxinf changes no global jax setting.
