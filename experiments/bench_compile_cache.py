@@ -9,7 +9,8 @@ Runs `python -m <binary> <args>` in subprocesses, each with a fresh --workdir (s
   2. cold: an empty cache directory,
   3. warm: the same cache directory, now filled by run 2.
 Reports each run's wall seconds, the XLA compilations jax logged (JAX_LOG_COMPILES=1: how many, and their summed
-seconds, which include other threads' work on the same cores; a warm run logs none that it read from the cache),
+seconds, which include other threads' work on the same cores; a warm run logs as many, their seconds being cache
+reads),
 warm / cold and warm / off ratios, and the cache's size, as JSON. `--env NAME=VALUE` (repeatable) sets a variable
 for all three runs and is part of the result's key, e.g. `--env JAXINF_XLA_FLAGS=0` for XLA's default compiler
 settings instead of jaxinf.runtime's cheaper CPU flags.

@@ -90,3 +90,17 @@ def test_finetune_binary_resumes_to_the_same_last_log_line(tmp_path):
     resumed = run(tmp_path / "cut")
     assert len(whole) == 20 and resumed[-1] == whole[-1]
     assert len(os.listdir(tmp_path / "whole" / "checkpoints")) >= 4
+
+
+def test_tree_norm_is_the_euclidean_norm_of_every_entry():
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    tree = {"a": {"A": rng.normal(size=(3, 4)), "B": rng.normal(size=(4, 2))}, "b": rng.normal(size=(5,))}
+    expected = np.sqrt(sum(float(np.sum(x ** 2)) for x in (tree["a"]["A"], tree["a"]["B"], tree["b"])))
+    got = float(training._tree_norm({"a": {k: jnp.asarray(v, jnp.float32) for k, v in tree["a"].items()},
+                                     "b": jnp.asarray(tree["b"], jnp.float32)}))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    single = float(training._tree_norm(jnp.asarray(tree["b"], jnp.bfloat16)))  # one leaf; squares summed in float32
+    np.testing.assert_allclose(single, np.linalg.norm(np.asarray(jnp.asarray(tree["b"], jnp.bfloat16), np.float64)),
+                               rtol=1e-6)
